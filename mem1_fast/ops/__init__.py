@@ -1,0 +1,5 @@
+"""The project's ops, one front module each (autograd Function, dispatch, reference)."""
+from .logprob_entropy import logprob_entropy
+from .state_attention import state_attention
+
+__all__ = ["state_attention", "logprob_entropy"]

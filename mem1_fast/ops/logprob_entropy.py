@@ -1,0 +1,129 @@
+"""logprob_entropy: per-row log-prob of a target and entropy of softmax(hidden @ weight.T / temperature),
+straight from hidden states, never holding the [N, V] logits (DESIGN §5).
+
+    logp, entropy = logprob_entropy(hidden, weight, targets, temperature=1.0)   # both float32 [N]
+
+hidden: [N, H] (only the rows that are trained on: gather before the LM head); weight: [V, H]; targets: int64 [N].
+Differentiable in hidden and weight through both outputs. With z = hidden @ weight.T / temperature, p = softmax(z):
+    logp = z[target] - lse(z),   entropy = lse(z) - sum(p * z)
+    d/dz: g_logp * (onehot - p) + g_ent * p * (sum(p * z) - z)
+The backward recomputes logit chunks instead of saving them.
+
+Backends: "reference" (plain PyTorch, chunked over rows and vocabulary). C++/Triton/CUDA plug in under the same
+signature; `backend=None` picks the best for the device, `MEM1_FAST_LOGPROB_BACKEND` overrides it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("reference",)
+ROW_CHUNK = 1024
+VOCAB_CHUNK = 8192
+
+
+def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(hidden, weight, targets, temperature)
+    backend = backend or os.environ.get("MEM1_FAST_LOGPROB_BACKEND") or "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"logprob_entropy: unknown backend {backend!r}; available: {BACKENDS}")
+    return _ReferenceLogprobEntropy.apply(hidden, weight, targets, float(temperature))
+
+
+def _check_inputs(hidden, weight, targets, temperature):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"logprob_entropy: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"logprob_entropy: targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"logprob_entropy: targets must be integer ids, got {targets.dtype}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"logprob_entropy: target ids must lie in [0, {weight.shape[0]}), got range "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
+    if not temperature > 0:
+        raise ValueError(f"logprob_entropy: temperature must be > 0, got {temperature}")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError("logprob_entropy: hidden, weight and targets must be on one device")
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_stats(h, weight, temperature, vchunk=VOCAB_CHUNK):
+    """Online (max, sum exp, sum p*z) over vocabulary chunks for a block of rows."""
+    acc = _acc_dtype(h)
+    n = h.shape[0]
+    m = torch.full((n,), -torch.inf, dtype=acc, device=h.device)
+    s = torch.zeros(n, dtype=acc, device=h.device)
+    sz = torch.zeros(n, dtype=acc, device=h.device)  # sum exp(z - m) * z
+    for v0 in range(0, weight.shape[0], vchunk):
+        z = (h @ weight[v0:v0 + vchunk].to(acc).T) / temperature
+        m_new = torch.maximum(m, z.amax(1))
+        alpha = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        s = s * alpha + e.sum(1)
+        sz = sz * alpha + (e * z).sum(1)
+        m = m_new
+    return m, s, sz
+
+
+class _ReferenceLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):
+        acc = _acc_dtype(hidden)
+        N = hidden.shape[0]
+        logp = torch.empty(N, dtype=acc, device=hidden.device)
+        ent = torch.empty(N, dtype=acc, device=hidden.device)
+        lse = torch.empty(N, dtype=acc, device=hidden.device)
+        ez = torch.empty(N, dtype=acc, device=hidden.device)
+        for r0 in range(0, N, ROW_CHUNK):
+            h = hidden[r0:r0 + ROW_CHUNK].to(acc)
+            m, s, sz = _row_stats(h, weight, temperature)
+            l = m + torch.log(s)
+            t = targets[r0:r0 + ROW_CHUNK]
+            zt = (h * weight[t].to(acc)).sum(1) / temperature
+            lse[r0:r0 + ROW_CHUNK] = l
+            ez[r0:r0 + ROW_CHUNK] = sz / s
+            logp[r0:r0 + ROW_CHUNK] = zt - l
+            ent[r0:r0 + ROW_CHUNK] = l - sz / s
+        ctx.save_for_backward(hidden, weight, targets, lse, ez)
+        ctx.temperature = temperature
+        out_dtype = torch.float64 if acc == torch.float64 else torch.float32
+        return logp.to(out_dtype), ent.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse, ez = ctx.saved_tensors
+        tau = ctx.temperature
+        acc = _acc_dtype(hidden)
+        N = hidden.shape[0]
+        g_logp = torch.zeros(N, dtype=acc, device=hidden.device) if g_logp is None else g_logp.to(acc)
+        g_ent = torch.zeros(N, dtype=acc, device=hidden.device) if g_ent is None else g_ent.to(acc)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for r0 in range(0, N, ROW_CHUNK):
+            r1 = min(r0 + ROW_CHUNK, N)
+            h = hidden[r0:r1].to(acc)
+            gl, ge = g_logp[r0:r1, None], g_ent[r0:r1, None]
+            l, e_z = lse[r0:r1, None], ez[r0:r1, None]
+            t = targets[r0:r1]
+            for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
+                w = weight[v0:v0 + VOCAB_CHUNK].to(acc)
+                z = (h @ w.T) / tau
+                p = torch.exp(z - l)
+                dz = -gl * p + ge * p * (e_z - z)
+                hit = (t >= v0) & (t < v0 + w.shape[0])
+                rows = hit.nonzero().squeeze(1)
+                dz[rows, t[rows] - v0] += gl[rows, 0]
+                dz = dz / tau
+                if need_h:
+                    d_hidden[r0:r1] += dz @ w
+                if need_w:
+                    d_weight[v0:v0 + w.shape[0]] += dz.T @ h
+        return (None if d_hidden is None else d_hidden.to(hidden.dtype),
+                None if d_weight is None else d_weight.to(weight.dtype), None, None)

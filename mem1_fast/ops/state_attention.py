@@ -1,0 +1,92 @@
+"""state_attention: attention over an interval visibility spec (DESIGN §4-§5), packed varlen layout.
+
+    out = state_attention(q, k, v, visibility, scale=None)            # [T, Hq, D]
+    out, lse = state_attention(q, k, v, visibility, return_lse=True)  # lse: float32 [Hq, T], natural log,
+                                                                  # not differentiable
+
+q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (GQA, K/V never repeated in memory by kernels).
+A row with no visible key outputs 0 with lse = -inf and zero gradients, never NaN.
+
+Backends: "reference" (plain PyTorch, chunked over query rows; differentiable through autograd). The C++, Triton
+and CUDA kernels plug in here under the same signature (see the kernel issues); `backend=None` picks the best one
+available for the tensors' device, `MEM1_FAST_ATTN_BACKEND` overrides it.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..visibility import Visibility
+
+BACKENDS = ("reference",)
+REFERENCE_CHUNK = 128  # query rows per step of the reference: bounds its memory to chunk x span per head
+
+
+def state_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
+                    scale: float | None = None, return_lse: bool = False, backend: str | None = None):
+    _check_inputs(q, k, v, visibility)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = backend or os.environ.get("MEM1_FAST_ATTN_BACKEND") or _default_backend(q)
+    if backend not in BACKENDS:
+        raise ValueError(f"state_attention: unknown backend {backend!r}; available: {BACKENDS}")
+    out, lse = state_attention_reference(q, k, v, visibility, scale)
+    return (out, lse) if return_lse else out
+
+
+def _default_backend(q: torch.Tensor) -> str:
+    return "reference"
+
+
+def _check_inputs(q, k, v, vis):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"state_attention: q, k, v must be [T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    T, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != T or k.shape[2] != D:
+        raise ValueError(f"state_attention: k and v must be [T={T}, Hkv, D={D}], got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"state_attention: query heads {Hq} must be a multiple of key/value heads {k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                              torch.float64):
+        raise ValueError(f"state_attention: q, k, v must share a float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if vis.lo.shape[0] != T:
+        raise ValueError(f"state_attention: visibility covers {vis.lo.shape[0]} tokens but q has {T}")
+    if vis.lo.device != q.device:
+        raise ValueError(f"state_attention: visibility is on {vis.lo.device} but q is on {q.device}")
+
+
+def state_attention_reference(q, k, v, vis: Visibility, scale: float, chunk: int = REFERENCE_CHUNK):
+    """Chunks of query rows against the key span their intervals cover; an interval mask of chunk x span, never
+    T x T. Computes in fp32 (fp64 for fp64 inputs)."""
+    T, Hq, D = q.shape
+    g = Hq // k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lo, hi = vis.lo.long(), vis.hi.long()
+    outs, lses = [], []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        l, h = lo[s:e], hi[s:e]
+        ne = h > l
+        if not bool(ne.any()):
+            outs.append(q.new_zeros(e - s, Hq, D))
+            lses.append(torch.full((Hq, e - s), -math.inf, device=q.device))
+            continue
+        k0, k1 = int(l[ne].min()), int(h[ne].max())
+        cols = torch.arange(k0, k1, device=q.device)
+        mask = ((cols >= l[:, :, None]) & (cols < h[:, :, None])).any(1)  # [c, n]
+        ks = k[k0:k1].to(acc).repeat_interleave(g, dim=1)  # [n, Hq, D]
+        vs = v[k0:k1].to(acc).repeat_interleave(g, dim=1)
+        scores = torch.einsum("chd,nhd->hcn", q[s:e].to(acc), ks) * scale
+        scores = scores.masked_fill(~mask, -math.inf)
+        m = scores.amax(-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(scores - m).masked_fill(~mask, 0.0)
+        denom = p.sum(-1, keepdim=True)
+        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+        out = torch.einsum("hcn,nhd->chd", p / safe, vs)
+        outs.append(out.to(q.dtype))
+        lses.append((m + torch.log(denom)).squeeze(-1).float().detach())
+    return torch.cat(outs, 0), torch.cat(lses, 1)

@@ -1,0 +1,58 @@
+"""Tiny models and tokenizers built offline: the CPU default and the tests. No hub access anywhere.
+
+The tokenizer is word-level over a fixed vocabulary (the synthetic task's words by default), with the chat-free
+special tokens <unk>, <pad>, <eos> first. Tags like `<think>` are single tokens, so stops and the STATE/ACTION split
+are token-level.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from . import hf  # noqa: F401  (registers the mem1_fast attention)
+
+SPECIALS = ["<unk>", "<pad>", "<eos>"]
+
+
+def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    vocab = {}
+    for w in list(SPECIALS) + list(words):
+        if w in vocab:
+            continue
+        if any(c.isspace() for c in w) or not w:
+            raise ValueError(f"vocabulary word {w!r} is empty or contains whitespace")
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def default_vocabulary() -> list[str]:
+    from .tasks.synthetic import vocabulary
+    return vocabulary()
+
+
+def tiny_qwen2(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               head_dim: int = 32, max_positions: int = 4096, seed: int = 0, init_std: float = 0.02,
+               attn_implementation: str = hf.NAME, pad_token_id: int = 1, eos_token_id: int = 2) -> Qwen2ForCausalLM:
+    if head_dim < 32:
+        raise ValueError(f"head_dim must be >= 32 (vLLM refuses smaller heads), got {head_dim}")
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=max_positions, rope_theta=10000.0,
+                      tie_word_embeddings=True, initializer_range=init_std, pad_token_id=pad_token_id,
+                      eos_token_id=eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.config._attn_implementation = attn_implementation
+    return model
+
+
+def tiny_model_and_tokenizer(words: Sequence[str] | None = None, **kw):
+    tok = word_tokenizer(default_vocabulary() if words is None else words)
+    model = tiny_qwen2(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+    return model, tok
