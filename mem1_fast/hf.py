@@ -2,14 +2,20 @@
 
     import mem1_fast.hf  # registers "mem1_fast" with AttentionInterface and AttentionMaskInterface
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="mem1_fast")
-    hidden = packed_hidden_states(model, batch)          # packed batch, interval visibility, per-token positions
+    with mem1_fast.hf.visibility(vis):                   # one packed row, interval visibility
+        out = model(input_ids=ids[None], position_ids=pos[None])
+    hidden = packed_hidden_states(model, ids, pos, vis)  # the same, returning the final hidden states [T, H]
 
-When the attention mask handed to a layer is a `Visibility`, the layer runs `ops.state_attention` over the packed
-batch. Anything else (a padded batch, generation with a KV cache, a 4-D custom mask) runs transformers' SDPA path
-with the mask built by SDPA's own mask function, so padding is honoured (registering only the attention function
-would make transformers silently drop the padding mask).
+Inside `visibility(vis)`, the registered mask function hands the `Visibility` to every layer as its mask (no mask
+is built: no T x T work), and the attention runs `ops.state_attention` over the packed row. Anything else (a
+padded batch, generation with a KV cache, a 4-D custom mask) runs transformers' SDPA path with SDPA's own mask
+function, so padding is honoured (registering only the attention function would make transformers silently drop
+the padding mask).
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 from transformers import AttentionInterface
@@ -20,6 +26,22 @@ from .ops import state_attention
 from .visibility import Visibility
 
 NAME = "mem1_fast"
+_ACTIVE: contextvars.ContextVar[Visibility | None] = contextvars.ContextVar("mem1_fast_visibility", default=None)
+
+
+@contextlib.contextmanager
+def visibility(vis: Visibility):
+    """Run the model's forward passes inside this block over one packed row with visibility `vis`."""
+    token = _ACTIVE.set(vis)
+    try:
+        yield vis
+    finally:
+        _ACTIVE.reset(token)
+
+
+def mem1_fast_mask(*args, **kwargs):
+    vis = _ACTIVE.get()
+    return vis if vis is not None else sdpa_mask(*args, **kwargs)
 
 
 def mem1_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -40,22 +62,23 @@ def mem1_fast_attention(module, query, key, value, attention_mask, scaling=None,
 
 def register() -> None:
     AttentionInterface.register(NAME, mem1_fast_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, mem1_fast_mask)
 
 
 register()
 
 
-def packed_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, visibility: Visibility):
-    """Final hidden states [T, H] of one packed row. The Visibility is passed as the prepared mask of every layer
-    type, so transformers builds no mask of its own (no T x T work) and each layer's attention gets the spec."""
+def packed_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, vis: Visibility):
+    """Final hidden states [T, H] of one packed row under visibility `vis`."""
     cfg = model.config
     if getattr(cfg, "_attn_implementation", None) != NAME:
         raise ValueError(f"model must be created with attn_implementation='{NAME}', got "
                          f"{getattr(cfg, '_attn_implementation', None)!r}")
-    masks = {t: visibility for t in set(getattr(cfg, "layer_types", None) or ["full_attention"])}
+    if vis.T != input_ids.numel():
+        raise ValueError(f"visibility covers {vis.T} tokens, the row has {input_ids.numel()}")
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = base(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=masks, use_cache=False)
+    with visibility(vis):
+        out = base(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False)
     return out.last_hidden_state[0]
 
 

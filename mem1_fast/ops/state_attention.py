@@ -79,6 +79,14 @@ def state_attention_reference(q, k, v, vis: Visibility, scale: float, chunk: int
         mask = ((cols >= l[:, :, None]) & (cols < h[:, :, None])).any(1)  # [c, n]
         ks = k[k0:k1].to(acc).repeat_interleave(g, dim=1)  # [n, Hq, D]
         vs = v[k0:k1].to(acc).repeat_interleave(g, dim=1)
+        # A non-finite K/V value must reach only the rows that see it: 0 * NaN in the matmuls would spread it
+        # to every row of the chunk. Zero it, then mark exactly the rows whose visible keys hold one.
+        bad = ~(torch.isfinite(ks).all(-1) & torch.isfinite(vs).all(-1))  # [n, Hq]
+        poisoned = None
+        if bool(bad.any()):
+            ks = torch.where(torch.isfinite(ks), ks, 0.0)
+            vs = torch.where(torch.isfinite(vs), vs, 0.0)
+            poisoned = (mask[None] & bad.T[:, None, :]).any(-1)  # [Hq, c]
         scores = torch.einsum("chd,nhd->hcn", q[s:e].to(acc), ks) * scale
         scores = scores.masked_fill(~mask, -math.inf)
         m = scores.amax(-1, keepdim=True).detach()
@@ -87,6 +95,8 @@ def state_attention_reference(q, k, v, vis: Visibility, scale: float, chunk: int
         denom = p.sum(-1, keepdim=True)
         safe = torch.where(denom > 0, denom, torch.ones_like(denom))
         out = torch.einsum("hcn,nhd->chd", p / safe, vs)
+        if poisoned is not None:
+            out = torch.where(poisoned.T[:, :, None], torch.full_like(out, torch.nan), out)
         outs.append(out.to(q.dtype))
         lses.append((m + torch.log(denom)).squeeze(-1).float().detach())
     return torch.cat(outs, 0), torch.cat(lses, 1)

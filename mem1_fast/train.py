@@ -1,0 +1,379 @@
+"""Single-file PPO trainer for MEM1 agents (GRPO-style group advantages), read top to bottom.
+
+    python -m mem1_fast.train                 # CPU default: tiny Qwen2, synthetic multi-hop QA, in-process BM25
+    python -m mem1_fast.train --help          # every option
+
+Each step: sample task episodes (each repeated `group_size` times), roll them out with the engine (KV cache
+consolidated per `mode`), score them, turn rewards into group-normalized advantages, pack the trajectories in the
+mode's exact layout, and take PPO updates on the generated tokens only, with log-probs and entropy computed from
+the hidden states of those tokens (`ops.logprob_entropy`) under the interval visibility (`ops.state_attention`).
+In an exact mode the log-prob each token was sampled with *is* the old-policy log-prob (the exactness invariant),
+so no extra forward pass is spent on it unless `--recompute-old-logprobs`.
+
+Writes `<output_dir>/metrics.jsonl`, an HF-format checkpoint in `<output_dir>/checkpoint/` (model, tokenizer,
+trainer_state.pt), and resumes from it when present.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    output_dir: str = "runs/mem1_default"
+    """where metrics.jsonl and checkpoint/ go; an existing checkpoint there is resumed"""
+    seed: int = 0
+    """seed for task sampling, sampling and initialization"""
+    model: str = ""
+    """local HF model directory; empty = a tiny Qwen2 built offline over the synthetic task's vocabulary"""
+    mode: Literal["recompute", "retain"] = "recompute"
+    """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout"""
+    task: str = "synthetic"
+    """'synthetic' (fresh random world per episode) or a MEM1-format parquet file (needs --corpus or --retriever-url)"""
+    corpus: str = ""
+    """JSONL corpus in MEM1 format for in-process BM25 (parquet tasks)"""
+    retriever_url: str = ""
+    """MEM1-style HTTP retriever (POST /retrieve) instead of in-process BM25 (parquet tasks)"""
+    topk: int = 3
+    """documents per search (parquet tasks; the synthetic task sets its own)"""
+    max_turns: int = 6
+    """turn limit for parquet tasks (the synthetic task uses 2N + 2)"""
+    obs_max_tokens: int = 1000
+    """token budget of one observation for parquet tasks (documents are cut to fit, tags and hint kept)"""
+    n_min: int = 1
+    """fewest objectives (questions) per synthetic episode"""
+    n_max: int = 2
+    """most objectives per synthetic episode"""
+    steps: int = 30
+    """RL steps"""
+    episodes_per_step: int = 16
+    """distinct task episodes per step"""
+    group_size: int = 4
+    """rollouts per episode; advantages are normalized within each group"""
+    max_new_tokens: int = 24
+    """tokens generated per turn at most"""
+    temperature: float = 1.0
+    """sampling temperature (the trainer scores tokens at the same temperature)"""
+    lr: float = 1e-4
+    """learning rate of the RL phase (AdamW)"""
+    clip_eps: float = 0.2
+    """PPO ratio clip"""
+    entropy_coef: float = 0.0
+    """entropy bonus weight"""
+    kl_coef: float = 0.0
+    """weight of the k3 KL estimate to a frozen reference policy (0 = no reference model is kept)"""
+    ppo_epochs: int = 1
+    """passes over each step's rollouts"""
+    max_tokens_per_batch: int = 8192
+    """token budget of one packed forward (trajectories are never split)"""
+    recompute_old_logprobs: bool = False
+    """score rollouts with a forward pass instead of using the sampled log-probs (needed when the engine's
+    numerics differ from the trainer's, e.g. bf16 vLLM vs fp32 training)"""
+    sft_steps: int = 150
+    """synthetic task only: supervised warm start on scripted-expert trajectories before RL"""
+    sft_batch: int = 32
+    """expert episodes per SFT step"""
+    sft_lr: float = 2e-3
+    """SFT learning rate (AdamW, linear warm-up then cosine)"""
+    eval_every: int = 10
+    """RL steps between greedy evaluations (0 = never)"""
+    eval_episodes: int = 64
+    """fresh episodes per evaluation"""
+    save_every: int = 10
+    """RL steps between checkpoints (a final one is always written)"""
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)"""
+    device: str = "cpu"
+    """torch device for training and the HF engine"""
+
+
+# --- setup ----------------------------------------------------------------------------------------------------
+def build_model_and_tokenizer(args: Args):
+    from . import hf  # noqa: F401  (registers the mem1_fast attention)
+    if not args.model:
+        from .tiny import tiny_model_and_tokenizer
+        return tiny_model_and_tokenizer(seed=args.seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(args.model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {args.model!r} is not a local directory (nothing is downloaded)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=hf.NAME, dtype=torch.float32)
+    return model, tok
+
+
+def build_task(args: Args, tok):
+    """Return `sample(rng, n) -> list[episode]`."""
+    if args.task == "synthetic":
+        from .tasks.synthetic import SyntheticTask
+        task = SyntheticTask(seed=args.seed, n_range=(args.n_min, args.n_max))
+        return lambda rng, n: [task.sample(rng) for _ in range(n)]
+    from .tasks.qa import QAEpisode, load_mem1_parquet
+    from .retriever import BM25Retriever, HttpRetriever, load_corpus
+    examples = load_mem1_parquet(args.task)
+    if args.retriever_url:
+        retriever = HttpRetriever(args.retriever_url)
+    elif args.corpus:
+        retriever = BM25Retriever(load_corpus(args.corpus))
+    else:
+        raise ValueError("a parquet task needs --corpus (in-process BM25) or --retriever-url")
+    # MEM1 applies the chat template with a generation prompt; all turns continue inside that assistant turn
+    render = (lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)) \
+        if getattr(tok, "chat_template", None) else None
+    count = lambda s: len(tok.encode(s, add_special_tokens=False))  # noqa: E731
+    return lambda rng, n: [QAEpisode.from_example(rng.choice(examples), retriever, render, topk=args.topk,
+                                                  max_turns=args.max_turns, obs_budget=args.obs_max_tokens,
+                                                  count_tokens=count) for _ in range(n)]
+
+
+def save_checkpoint(path: Path, model, tok, optimizer, state: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **state},
+               tmp / "trainer_state.pt")
+    if path.exists():  # replace atomically enough: a crash leaves either the old or the new checkpoint
+        old = path.with_name(path.name + ".old")
+        path.rename(old)
+        tmp.rename(path)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(path)
+
+
+# --- the pieces every phase shares ----------------------------------------------------------------------------
+def score_batch(model, batch, temperature: float):
+    """log-prob and entropy of every trained token of a packed batch, from the hidden state just before it."""
+    from .hf import lm_head_weight, packed_hidden_states
+    from .ops import logprob_entropy
+    hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids, batch.visibility)
+    pos = batch.loss_positions()
+    return logprob_entropy(hidden[pos - 1], lm_head_weight(model), batch.input_ids[pos], temperature)
+
+
+def rollout(model, tok, episodes, args: Args, greedy: bool = False, seed: int = 0):
+    from .agent import AgentConfig, run_episodes
+    from .engine import HFEngine
+    engine = HFEngine(model, tok, args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      greedy=greedy, seed=seed)
+    model.eval()
+    return run_episodes(engine, tok, episodes, AgentConfig(max_turns=args.max_turns))
+
+
+def episode_metrics(trajs, prefix: str) -> dict:
+    n = len(trajs)
+    objectives = sum(t.info["n_objectives"] for t in trajs)
+    m = {
+        "em_per_objective": sum(t.info["em"] for t in trajs) / max(objectives, 1),
+        "f1_per_objective": sum(t.info["f1"] for t in trajs) / max(objectives, 1),
+        "reward": sum(t.reward for t in trajs) / n,
+        "answered": sum(t.info["answered"] for t in trajs) / n,
+        "valid": sum(t.info["valid"] for t in trajs) / n,
+        "turns": sum(t.info["turns"] for t in trajs) / n,
+        "searches": sum(t.info["searches"] for t in trajs) / n,
+        "peak_kv_tokens": sum(t.info["peak_kv_tokens"] for t in trajs) / n,
+        "generated_tokens": sum(t.num_generated() for t in trajs) / n,
+    }
+    return {f"{prefix}/{k}": v for k, v in m.items()}
+
+
+def main(args: Args):
+    from .layout import pack
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    metrics_f = open(out / "metrics.jsonl", "a")
+
+    def log(record: dict):
+        metrics_f.write(json.dumps(record) + "\n")
+        metrics_f.flush()
+
+    # model, tokenizer, optimizer: fresh, or resumed from the checkpoint
+    state = {"phase": "sft", "sft_step": 0, "rl_step": 0, "py_rng": None}
+    if (ckpt / "trainer_state.pt").exists():
+        resumed = dataclasses.replace(args, model=str(ckpt))
+        model, tok = build_model_and_tokenizer(resumed)
+        saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state.update({k: saved[k] for k in state})
+        torch.set_rng_state(saved["torch_rng"])
+        print(f"resuming from {ckpt}: phase {state['phase']}, sft step {state['sft_step']}, rl step {state['rl_step']}")
+    else:
+        model, tok = build_model_and_tokenizer(args)
+        saved = None
+    model.to(args.device)
+    sample_episodes = build_task(args, tok)
+    rng = random.Random(args.seed)
+    if state["py_rng"] is not None:
+        rng.setstate(state["py_rng"])
+    ref_model = copy.deepcopy(model).eval() if args.kl_coef > 0 else None
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}, "
+          f"mode {args.mode}, output {out}")
+
+    def checkpoint(optimizer):
+        state["py_rng"] = rng.getstate()
+        save_checkpoint(ckpt, model, tok, optimizer, state)
+
+    # ---- phase 1: supervised warm start on scripted-expert trajectories (synthetic task) ----------------------
+    do_sft = args.task == "synthetic" and args.sft_steps > 0 and state["phase"] == "sft"
+    if do_sft:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.98), weight_decay=0.01)
+        if saved is not None and state["sft_step"] > 0:
+            opt.load_state_dict(saved["optimizer"])
+        warm = max(1, args.sft_steps // 10)
+        sched = lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / args.sft_steps)))  # noqa: E731
+        bar = tqdm(range(state["sft_step"], args.sft_steps), desc="sft (expert warm start)", dynamic_ncols=True)
+        for step in bar:
+            t0 = time.time()
+            trajs = [expert_as_trajectory(ep, tok) for ep in sample_episodes(rng, args.sft_batch)]
+            model.train()
+            total_tokens = sum(t.num_generated() for t in trajs)
+            loss_sum = 0.0
+            for g in opt.param_groups:
+                g["lr"] = args.sft_lr * sched(step)
+            opt.zero_grad(set_to_none=True)
+            for batch in pack(trajs, args.mode, args.max_tokens_per_batch):
+                batch = batch.to(args.device)
+                logp, _ = score_batch(model, batch, 1.0)
+                loss = -logp.sum() / total_tokens  # mean over every expert token of the step
+                loss.backward()
+                loss_sum += loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            state["sft_step"] = step + 1
+            bar.set_postfix(loss=f"{loss_sum:.3f}")
+            log({"phase": "sft", "step": step + 1, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
+                 "tokens_per_s": sum(len(t) for t in trajs) / (time.time() - t0)})
+        state["phase"] = "rl"
+        checkpoint(opt)
+
+    # ---- phase 2: RL (PPO with group-normalized advantages) -------------------------------------------------
+    state["phase"] = "rl"
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if saved is not None and saved["phase"] == "rl" and state["rl_step"] > 0:
+        opt.load_state_dict(saved["optimizer"])
+    eval_rng_seed = args.seed + 10_000
+
+    def evaluate(step):
+        episodes = sample_episodes(random.Random(eval_rng_seed), args.eval_episodes)
+        with torch.no_grad():
+            trajs = rollout(model, tok, episodes, args, greedy=True)
+        rec = {"phase": "eval", "step": step, **episode_metrics(trajs, "eval")}
+        log(rec)
+        return rec
+
+    if state["rl_step"] == 0 and args.eval_every:
+        r = evaluate(0)
+        print(f"eval before RL: EM/objective {r['eval/em_per_objective']:.3f}, answered {r['eval/answered']:.2f}")
+    bar = tqdm(range(state["rl_step"], args.steps), desc=f"rl ({args.mode})", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        # 1. rollouts: each episode repeated group_size times
+        base = sample_episodes(rng, args.episodes_per_step)
+        episodes = [ep for ep in base for _ in range(args.group_size)]
+        with torch.no_grad():
+            trajs = rollout(model, tok, episodes, args, seed=rng.randrange(2**31))
+        t_rollout = time.time() - t0
+
+        # 2. advantages: reward normalized within each group of rollouts of one episode
+        rewards = torch.tensor([t.reward for t in trajs]).view(-1, args.group_size)
+        adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + 1e-6)
+        adv = adv.view(-1)
+
+        # 3. pack in the mode's exact layout; old log-probs are the sampled ones unless asked otherwise
+        batches = pack(trajs, args.mode, args.max_tokens_per_batch)
+        batches = [b.to(args.device) for b in batches]
+        old = []
+        with torch.no_grad():
+            for b in batches:
+                if args.recompute_old_logprobs:
+                    model.eval()
+                    old.append(score_batch(model, b, args.temperature)[0])
+                else:
+                    old.append(b.old_logprobs[b.loss_positions()])
+            ref = [score_batch(ref_model, b, args.temperature)[0] for b in batches] if ref_model else None
+        total_tokens = sum(int(b.loss_mask.sum()) for b in batches)
+
+        # 4. PPO: clipped surrogate on every generated token, token-mean over the step
+        stats = {"loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "kl_ref": 0.0}
+        skipped = bool((adv == 0).all())
+        if not skipped:
+            model.train()
+            for _ in range(args.ppo_epochs):
+                opt.zero_grad(set_to_none=True)
+                for bi, b in enumerate(batches):
+                    pos = b.loss_positions()
+                    a = adv.to(b.traj_ids.device)[b.traj_ids[pos]]
+                    logp, ent = score_batch(model, b, args.temperature)
+                    ratio = torch.exp(logp - old[bi])
+                    pg = -torch.minimum(ratio * a, ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * a)
+                    loss_tok = pg - args.entropy_coef * ent
+                    if ref is not None:
+                        d = ref[bi] - logp
+                        kl = torch.exp(d) - d - 1  # k3 estimator of KL(policy || reference)
+                        loss_tok = loss_tok + args.kl_coef * kl
+                        stats["kl_ref"] += float(kl.sum()) / total_tokens / args.ppo_epochs
+                    loss = loss_tok.sum() / total_tokens
+                    loss.backward()
+                    with torch.no_grad():
+                        stats["loss"] += float(loss) / args.ppo_epochs
+                        stats["clipfrac"] += float(((ratio - 1).abs() > args.clip_eps).sum()) / total_tokens / args.ppo_epochs
+                        stats["entropy"] += float(ent.sum()) / total_tokens / args.ppo_epochs
+                        stats["approx_kl"] += float((old[bi] - logp).sum()) / total_tokens / args.ppo_epochs
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+        state["rl_step"] = step + 1
+        elapsed = time.time() - t0
+        rec = {"phase": "rl", "step": step + 1, **episode_metrics(trajs, "rollout"), **stats,
+               "skipped_update": skipped, "trained_tokens": total_tokens, "packed_batches": len(batches),
+               "time/rollout_s": t_rollout, "time/step_s": elapsed,
+               "trained_tokens_per_s": total_tokens * args.ppo_epochs / max(elapsed - t_rollout, 1e-9)}
+        log(rec)
+        bar.set_postfix(reward=f"{rec['rollout/reward']:.2f}", em=f"{rec['rollout/em_per_objective']:.2f}",
+                        turns=f"{rec['rollout/turns']:.1f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            evaluate(step + 1)
+        if (step + 1) % args.save_every == 0:
+            checkpoint(opt)
+    checkpoint(opt)
+    metrics_f.close()
+    print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoint in {ckpt}")
+
+
+def expert_as_trajectory(episode, tok):
+    """A scripted-expert episode as a Trajectory (log-probs unknown: zeros). The expert's text is tokenized once
+    here; it was never sampled, so there is nothing to keep token-identical to."""
+    from .tasks.synthetic import expert_trajectory
+    from .trajectory import Trajectory, split_generation, think_splitter
+    split = think_splitter(tok)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    triples = [("PROMPT", 0, enc(episode.prompt))]
+    for j, (gen, obs) in enumerate(expert_trajectory(episode)):
+        state, action = split_generation(enc(gen), split)
+        triples += [("STATE", j, state), ("ACTION", j, action)]
+        if obs:
+            triples.append(("OBS", j, enc(obs)))
+    return Trajectory.from_triples(triples)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,72 @@
+"""The agent loop's protocol, driven by a scripted engine (no model): stops, observations, scoring, failures."""
+from mem1_fast.agent import AgentConfig, run_episodes
+from mem1_fast.engine import Generation
+from mem1_fast.retriever import RetrievalError
+from mem1_fast.tasks.synthetic import vocabulary
+from mem1_fast.tiny import word_tokenizer
+from mem1_fast.trajectory import Kind
+
+TOK = word_tokenizer(vocabulary() + ["Search", "failed:", "server"])
+
+
+class ScriptedEngine:
+    def __init__(self, scripts):
+        self.scripts = scripts  # per episode: list of generation texts
+        self.seen_obs = {}
+
+    def start(self, prompts):
+        self.turn = [0] * len(prompts)
+
+    def step(self, idx, observations=None):
+        out = []
+        for k, i in enumerate(idx):
+            if observations is not None:
+                self.seen_obs.setdefault(i, []).append(TOK.decode(observations[k]))
+            ids = TOK.encode(self.scripts[i][self.turn[i]], add_special_tokens=False)
+            self.turn[i] += 1
+            out.append(Generation(ids, [-0.5] * len(ids), "stop"))
+        return out
+
+    def peak_kv_tokens(self, i):
+        return 0
+
+
+class Ep:
+    def __init__(self, prompt, targets, max_turns, fail=False):
+        self.prompt, self.targets, self.max_turns, self.fail = prompt, targets, max_turns, fail
+        self.queries = []
+
+    def observe(self, query, turns_left):
+        self.queries.append((query, turns_left))
+        if self.fail:
+            raise RetrievalError("server down")
+        return f"<information> {query} is a city . </information>"
+
+
+def test_protocol():
+    names = vocabulary()[-5:]
+    a, b = names[0], names[1]
+    eps = [Ep(f"<q> where was {a} born ?", [[b]], 3),  # search, then answer
+           Ep(f"<q> where was {a} born ?", [[b]], 2),  # searches on its last turn: not executed
+           Ep(f"<q> where was {a} born ?", [[b]], 3, fail=True),  # retriever fails: an observation, go on
+           Ep(f"<q> where was {a} born ?", [[b]], 3)]  # malformed: ends
+    scripts = [
+        [f"<think> found ; next {a} </think> <search> {a} </search>", f"<think> done </think> <answer> {b} </answer>"],
+        [f"<think> x </think> <search> {a} </search>", f"<think> x </think> <search> {b} </search>"],
+        [f"<think> x </think> <search> {a} </search>", f"<think> x </think> <answer> {a} </answer>"],
+        [f"<think> x </think> {a} {b}"],
+    ]
+    eng = ScriptedEngine(scripts)
+    trajs = run_episodes(eng, TOK, eps, AgentConfig())
+    t0, t1, t2, t3 = trajs
+    assert t0.info["answered"] and t0.reward == 1.0 and t0.info["turns"] == 2 and eps[0].queries == [(a, 2)]
+    assert t0.segments[1].kind == Kind.STATE and TOK.decode(t0.segments[1].token_ids).endswith("</think>")
+    assert t1.info["searches"] == 1 and eps[1].queries == [(a, 1)] and not t1.info["answered"]
+    assert t1.info["finish"] == "search on the last turn" and t1.reward == 0
+    assert t1.segments[-1].kind == Kind.ACTION  # no observation after the final-turn search
+    assert t2.info["retrieval_errors"] == 1 and t2.info["turns"] == 2 and t2.reward == 0
+    assert "Search failed: server" in eng.seen_obs[2][0]
+    assert not t3.info["valid"] and t3.info["turns"] == 1 and "no <search> or <answer>" in t3.info["finish"]
+    # sampled ids and log-probs are kept as given
+    assert t0.generation(0) == TOK.encode(scripts[0][0], add_special_tokens=False)
+    assert t0.generation_logprobs(1) == [-0.5] * len(t0.generation(1))

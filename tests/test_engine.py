@@ -1,0 +1,102 @@
+"""The engine's KV cache: what it keeps per mode, and that cached greedy decoding equals a cache-free forward."""
+import random
+
+import pytest
+import torch
+
+from mem1_fast.engine import HFEngine
+from mem1_fast.tiny import tiny_qwen2, word_tokenizer
+
+WORDS = [f"w{i}" for i in range(40)] + ["<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>"]
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    tok = word_tokenizer(WORDS)
+    return tiny_qwen2(len(tok), init_std=0.1, seed=3).eval(), tok
+
+
+def naive_greedy(model, ids, pos, n, stop_ids):
+    """No cache: re-run the whole context for every token."""
+    ids, pos, out = list(ids), list(pos), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos])).logits[0, -1]
+        t = int(logits.argmax())
+        out.append(t)
+        if t in stop_ids:
+            break
+        ids.append(t)
+        pos.append(pos[-1] + 1)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["recompute", "retain"])
+def test_cached_greedy_equals_cache_free_context(model_tok, mode):
+    model, tok = model_tok
+    rng = random.Random(0)
+    eng = HFEngine(model, tok, mode, max_new_tokens=8, greedy=True)
+    prompts = [[rng.randrange(3, 40) for _ in range(rng.randrange(2, 9))] for _ in range(4)]
+    eng.start(prompts)
+    gens = eng.step(range(4))
+    history = [[(p, list(range(len(p)))), (g.token_ids, None)] for p, g in zip(prompts, gens)]
+    for turn in range(1, 4):
+        obs = [[rng.randrange(3, 40) for _ in range(rng.randrange(1, 6))] for _ in range(4)]
+        gens = eng.step(range(4), obs)
+        for i in range(4):
+            q = prompts[i]
+            prev = history[i][-1][0]
+            if mode == "recompute":  # [q | g_{j-1} i_{j-1}] re-encoded at positions |q|..
+                ctx = q + prev + obs[i]
+                pos = list(range(len(ctx)))
+            else:  # retain is not expressible as one causal sequence; checked by test_exactness
+                continue
+            want = naive_greedy(model, ctx, pos, 8, eng.stop_ids | {tok.eos_token_id})
+            assert gens[i].token_ids == want, (turn, i)
+            history[i].append((gens[i].token_ids, None))
+    if mode == "retain":
+        assert all(len(g.token_ids) > 0 for g in gens)
+
+
+def test_turn0_equals_plain_generation(model_tok):
+    model, tok = model_tok
+    eng = HFEngine(model, tok, "retain", max_new_tokens=6, greedy=True)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    eng.start(prompts)
+    gens = eng.step([0, 1])
+    for p, g in zip(prompts, gens):
+        assert g.token_ids == naive_greedy(model, p, list(range(len(p))), 6, eng.stop_ids | {tok.eos_token_id})
+
+
+@pytest.mark.parametrize("mode", ["recompute", "retain"])
+def test_kv_kept_matches_consolidation(model_tok, mode):
+    """recompute keeps q (+ the turn being generated); retain keeps q, g_{j-1}, i_{j-1}, g_j — never older turns."""
+    model, tok = model_tok
+    eng = HFEngine(model, tok, mode, max_new_tokens=5, temperature=1.0, seed=1)
+    q = [5, 6, 7, 8]
+    eng.start([q])
+    g_prev = eng.step([0])[0].token_ids
+    for turn in range(1, 6):
+        obs = [9] * (turn + 1)
+        g = eng.step([0], [obs])[0].token_ids
+        ep = eng.episodes[0]
+        if mode == "recompute":  # the last sampled token is never fed: its KV would be dropped anyway
+            assert ep.kv_len == len(q) + len(g_prev) + len(obs) + len(g) - 1
+            assert (ep.tags == -1).sum() == len(q)
+        else:
+            assert ep.kv_len == len(q) + len(g_prev) + len(obs) + len(g)
+            assert set(ep.tags.tolist()) <= {-1, turn - 1, turn}
+        g_prev = g
+
+
+def test_bad_use_is_named(model_tok):
+    model, tok = model_tok
+    with pytest.raises(ValueError, match="matches no rollout"):
+        HFEngine(model, tok, "paper")
+    eng = HFEngine(model, tok, "retain")
+    with pytest.raises(ValueError, match="empty prompt"):
+        eng.start([[1, 2], []])
+    eng.start([[5, 6]])
+    eng.step([0])
+    with pytest.raises(ValueError, match="needs the observation"):
+        eng.step([0], [[]])
