@@ -1,0 +1,202 @@
+"""Synthetic multi-hop QA: the default CPU task (DESIGN §6).
+
+Every episode draws a fresh world from a fixed pool of pseudo-word names: which name is a person, a city, a
+company or a country, and every relation, is random per episode. Answers can therefore only come from the
+retrieved documents; a tiny model trained on a fixed world memorized it instead (learnability_probe.md).
+
+All text is whitespace-separated words from vocabulary() (tags and punctuation are words of their own), so a
+word-level tokenizer covers it exactly. Documents use MEM1's corpus format ('"name"\\n sentences').
+
+The scripted expert keeps a pointer state that does not grow with the number of questions N except by the found
+answers (probe, "What I would change" 2a):
+    <think> found A1 A2 ; at SUBJECT ; next ENTITY REL [REL] </think> <search> ENTITY </search>
+    <think> found A1 ... AN ; done </think> <answer> A1 ; ... ; AN </answer>
+`at` names the subject of the question being worked on (the next question is the <q> after it in the prompt;
+subjects are distinct within an episode), `next` the entity to look up and the relations still to follow.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..retriever import BM25Retriever, Doc
+
+TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
+MAX_TURNS = 64  # hint numbers 0..MAX_TURNS are vocabulary words
+
+# One sentence per fact; a document is the sentences of its subject. Relation names are words of the sentence.
+FACTS = {
+    "born": "{s} was born in {o} .",  # person -> city
+    "works": "{s} works for {o} .",  # person -> company
+    "country": "{s} is a city in country {o} .",  # city -> country
+    "based": "{s} is a company based in {o} .",  # company -> city
+}
+COUNTRY_DOC = "{s} is a country ."
+KIND_RELS = {"person": ("born", "works"), "city": ("country",), "company": ("based",), "country": ()}
+REL_TARGET = {"born": "city", "works": "company", "country": "country", "based": "city"}
+
+# question type -> (subject kind, relation chain, text)
+QUESTIONS = {
+    "born": ("person", ("born",), "where was {s} born ?"),
+    "works": ("person", ("works",), "who does {s} work for ?"),
+    "born_country": ("person", ("born", "country"), "in which country was {s} born ?"),
+    "works_based": ("person", ("works", "based"), "in which city is the employer of {s} based ?"),
+    "country": ("city", ("country",), "in which country is {s} ?"),
+    "based": ("company", ("based",), "where is {s} based ?"),
+    "based_country": ("company", ("based", "country"), "in which country is {s} based ?"),
+}
+STATE_WORDS = ("found", ";", "at", "next", "done", "<q>")
+HINT_WORDS = ("[HINT]", "[/HINT]", "turns", "turn", "left", ",", "answer")
+
+
+def _template_words() -> list[str]:
+    texts = list(FACTS.values()) + [COUNTRY_DOC] + [q[2] for q in QUESTIONS.values()]
+    return [w for t in texts for w in t.split() if not w.startswith("{")] + list(KIND_RELS)
+
+
+def _make_names(n: int = 256, seed: int = 15841) -> tuple[str, ...]:
+    # Consonant-vowel syllables: pronounceable, never an English template word or a bm25s stopword (all of
+    # those contain a consonant cluster, h, w, y, or are shorter than 4 letters).
+    rng, taken, names = random.Random(seed), set(_template_words()), []
+    while len(names) < n:
+        w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.choice((2, 2, 3))))
+        w += rng.choice("lnrs") if rng.random() < 0.3 else ""
+        if w not in taken:
+            taken.add(w)
+            names.append(w)
+    return tuple(names)
+
+
+NAMES = _make_names()
+
+
+def vocabulary() -> list[str]:
+    """Every word this task (prompt, documents, observations, hints, expert) can produce, without duplicates."""
+    words = [*TAGS, *STATE_WORDS, *HINT_WORDS, *_template_words(), *map(str, range(MAX_TURNS + 1)), *NAMES]
+    return list(dict.fromkeys(words))
+
+
+def hint(turns_left: int) -> str:
+    """Compact form of MEM1's hint; '' after the last turn."""
+    if not 0 <= turns_left <= MAX_TURNS:
+        raise ValueError(f"turns_left must be in 0..{MAX_TURNS}, got {turns_left}")
+    if turns_left == 0:
+        return ""
+    if turns_left == 1:
+        return "[HINT] 1 turn left , answer next [/HINT]"
+    return f"[HINT] {turns_left} turns left [/HINT]"
+
+
+def observation(results, turns_left: int) -> str:
+    """'<information> [hint] doc texts </information>' (titles dropped: each text starts with its name)."""
+    docs = [r[0] if isinstance(r, tuple) else r for r in results]
+    parts = ["<information>", hint(turns_left), *[d.text for d in docs], "</information>"]
+    return " ".join(p for p in parts if p)
+
+
+@dataclass
+class Episode:
+    prompt: str  # '<q> question 1 <q> question 2 ...'
+    questions: list[str]
+    targets: list[list[str]]  # one alias list per question
+    docs: list[Doc]
+    retriever: BM25Retriever
+    plan: list[tuple[str, tuple[str, ...]]]  # (subject, relation chain) per question
+    facts: dict[tuple[str, str], str]  # (entity, relation) -> entity
+    max_turns: int
+    topk: int
+
+    @property
+    def n(self) -> int:
+        return len(self.questions)
+
+    def observe(self, query: str, turns_left: int) -> str:
+        return observation(self.retriever.search([query], self.topk)[0], turns_left)
+
+
+class SyntheticTask:
+    """Fresh random world per episode. N ~ uniform(n_range); max_turns = 2N + slack (2N searches at most + answer)."""
+
+    def __init__(self, seed: int = 0, n_range: tuple[int, int] = (1, 2), n_persons: int = 10, n_cities: int = 5,
+                 n_companies: int = 5, n_countries: int = 3, topk: int = 2, slack: int = 2,
+                 question_types: tuple[str, ...] = tuple(QUESTIONS)):
+        lo, hi = n_range
+        sizes = {"person": n_persons, "city": n_cities, "company": n_companies, "country": n_countries}
+        if min(sizes.values()) < 1:
+            raise ValueError(f"every entity kind needs at least one member, got {sizes}")
+        if sum(sizes.values()) > len(NAMES):
+            raise ValueError(f"world of {sum(sizes.values())} entities exceeds the name pool ({len(NAMES)})")
+        unknown = set(question_types) - set(QUESTIONS)
+        if unknown or not question_types:
+            raise ValueError(f"unknown question types {sorted(unknown)}; known: {list(QUESTIONS)}")
+        subjects = sum(sizes[k] for k in {QUESTIONS[t][0] for t in question_types})
+        if not 1 <= lo <= hi or hi > subjects:
+            raise ValueError(f"n_range {n_range} must satisfy 1 <= lo <= hi <= {subjects} (distinct subjects)")
+        if 2 * hi + slack > MAX_TURNS or slack < 1:
+            raise ValueError(f"2*{hi} + slack {slack} turns must be in 2N+1..{MAX_TURNS}")
+        self.rng, self.n_range, self.sizes = random.Random(seed), (lo, hi), sizes
+        self.topk, self.slack, self.question_types = topk, slack, tuple(question_types)
+
+    def sample(self, rng: random.Random | None = None, n: int | None = None) -> Episode:
+        rng = rng or self.rng
+        n = rng.randint(*self.n_range) if n is None else n
+        names = rng.sample(NAMES, sum(self.sizes.values()))
+        members, i = {}, 0
+        for kind, size in self.sizes.items():
+            members[kind], i = names[i:i + size], i + size
+        facts = {(s, rel): rng.choice(members[REL_TARGET[rel]]) for kind in members
+                 for s in members[kind] for rel in KIND_RELS[kind]}
+        docs = []
+        for kind, ents in members.items():
+            for s in ents:
+                text = " ".join(FACTS[r].format(s=s, o=facts[s, r]) for r in KIND_RELS[kind]) or COUNTRY_DOC.format(s=s)
+                docs.append(f'"{s}"\n{text}')
+        rng.shuffle(docs)  # corpus order breaks BM25 ties; keep it uninformative
+        docs = [Doc(str(j), c) for j, c in enumerate(docs)]
+
+        unused = {k: rng.sample(v, len(v)) for k, v in members.items()}  # distinct subjects: 'at X' is a pointer
+        plan, questions, targets = [], [], []
+        for _ in range(n):
+            qtype = rng.choice([t for t in self.question_types if unused[QUESTIONS[t][0]]])
+            kind, rels, text = QUESTIONS[qtype]
+            s = unused[kind].pop()
+            ans = s
+            for r in rels:
+                ans = facts[ans, r]
+            plan.append((s, rels))
+            questions.append(text.format(s=s))
+            targets.append([ans])
+        prompt = " ".join(f"<q> {q}" for q in questions)
+        return Episode(prompt, questions, targets, docs, BM25Retriever(docs), plan, facts,
+                       max_turns=2 * n + self.slack, topk=self.topk)
+
+
+def _think(found: list[str], subject: str | None = None, entity: str | None = None, rels=()) -> str:
+    rest = ["at", subject, ";", "next", entity, *rels] if subject else ["done"]
+    return " ".join(["<think>", "found", *found, ";", *rest, "</think>"])
+
+
+def expert_generations(episode: Episode) -> list[str]:
+    """The expert's full generation per turn: one search per hop, then the answer. Uses the world's facts."""
+    found, gens = [], []
+    for subject, rels in episode.plan:
+        entity = subject
+        for i, rel in enumerate(rels):
+            gens.append(f"{_think(found, subject, entity, rels[i:])} <search> {entity} </search>")
+            entity = episode.facts[entity, rel]
+        found.append(entity)
+    gens.append(f"{_think(found)} <answer> {' ; '.join(found)} </answer>")
+    return gens
+
+
+def expert_trajectory(episode: Episode) -> list[tuple[str, str]]:
+    """(generation, observation) per turn, observations from the episode's retriever with MEM1's hint rule
+    (turns_left = max_turns - turn - 1); the answer turn gets ''."""
+    gens = expert_generations(episode)
+    if len(gens) > episode.max_turns:
+        raise ValueError(f"expert needs {len(gens)} turns, episode allows {episode.max_turns}")
+    out = []
+    for j, g in enumerate(gens):
+        query = g.split("<search>", 1)[1].split("</search>", 1)[0].strip() if "<search>" in g else None
+        out.append((g, episode.observe(query, episode.max_turns - j - 1) if query is not None else ""))
+    return out
