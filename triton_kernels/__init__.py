@@ -1,0 +1,1 @@
+"""Triton kernels of mem1_fast (installed as mem1_fast.triton_kernels)."""
