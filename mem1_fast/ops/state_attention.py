@@ -7,9 +7,14 @@
 q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (GQA, K/V never repeated in memory by kernels).
 A row with no visible key outputs 0 with lse = -inf and zero gradients, never NaN.
 
-Backends: "reference" (plain PyTorch, chunked over query rows; differentiable through autograd). The C++, Triton
-and CUDA kernels plug in here under the same signature (see the kernel issues); `backend=None` picks the best one
-available for the tensors' device, `MEM1_FAST_ATTN_BACKEND` overrides it.
+Backends (one file each, same function): "reference" (plain PyTorch below, chunked over query rows, autograd),
+"cpp" (csrc/cpu/state_attention.cpp, CPU tensors), "triton" (triton_kernels/state_attention.py, CUDA tensors, or CPU
+under TRITON_INTERPRET=1), "cuda" (csrc/cuda/state_attention.cu, on CUDA builds). Kernel backends implement
+    forward(q, k, v, vis, scale, BM, BN) -> (out, lse)
+    backward(dout, q, k, v, out, lse, vis, scale, BM, BN, deterministic) -> (dq, dk, dv)
+and read the visibility only through `vis.block_map(BM, BN)` (built once per batch, shared by every layer) and
+`vis.lo`/`vis.hi` (per-element masking of partial tiles). `backend=None` picks the best available for the device;
+`MEM1_FAST_ATTN_BACKEND` overrides it.
 """
 from __future__ import annotations
 
@@ -20,23 +25,75 @@ import torch
 
 from ..visibility import Visibility
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "cpp", "triton", "cuda")
 REFERENCE_CHUNK = 128  # query rows per step of the reference: bounds its memory to chunk x span per head
 
 
 def state_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
-                    scale: float | None = None, return_lse: bool = False, backend: str | None = None):
+                    scale: float | None = None, return_lse: bool = False, backend: str | None = None,
+                    deterministic: bool = False):
     _check_inputs(q, k, v, visibility)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = backend or os.environ.get("MEM1_FAST_ATTN_BACKEND") or _default_backend(q)
+    backend = backend or os.environ.get("MEM1_FAST_ATTN_BACKEND") or default_backend(q)
     if backend not in BACKENDS:
-        raise ValueError(f"state_attention: unknown backend {backend!r}; available: {BACKENDS}")
-    out, lse = state_attention_reference(q, k, v, visibility, scale)
+        raise ValueError(f"state_attention: unknown backend {backend!r}; known: {BACKENDS}")
+    if backend == "reference":
+        out, lse = state_attention_reference(q, k, v, visibility, scale)
+    else:
+        impl = _kernel_backend(backend)
+        out, lse = _StateAttention.apply(q, k, v, visibility, scale, impl, deterministic)
     return (out, lse) if return_lse else out
 
 
-def _default_backend(q: torch.Tensor) -> str:
+def _kernel_backend(name: str):
+    """The module implementing forward/backward for a kernel backend (imported lazily)."""
+    if name == "cpp":
+        from . import _cpp_backend as impl
+    elif name == "triton":
+        from ..triton_kernels import state_attention as impl
+    else:
+        from . import _cuda_backend as impl
+    return impl
+
+
+def available_backends(device: str = "cpu") -> list[str]:
+    """Backends that can run on `device` here (the ones the tests exercise)."""
+    out = ["reference"]
+    for name in BACKENDS[1:]:
+        try:
+            if _kernel_backend(name).available(device):
+                out.append(name)
+        except ImportError:
+            pass
+    return out
+
+
+def default_backend(q: torch.Tensor) -> str:
+    prefs = ("triton", "cuda") if q.is_cuda else ("cpp",)
+    for name in prefs:
+        if name in available_backends(q.device.type):
+            return name
     return "reference"
+
+
+class _StateAttention(torch.autograd.Function):
+    """Saves q, k, v, out and the LSE; the block map is cached on the Visibility, not recomputed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, vis, scale, impl, deterministic):
+        BM, BN = impl.tile_sizes(q)
+        out, lse = impl.forward(q, k, v, vis, scale, BM, BN)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.vis, ctx.scale, ctx.impl, ctx.det, ctx.tiles = vis, scale, impl, deterministic, (BM, BN)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.impl.backward(dout.contiguous(), q, k, v, out, lse, ctx.vis, ctx.scale, *ctx.tiles,
+                                       ctx.det)
+        return dq, dk, dv, None, None, None, None
 
 
 def _check_inputs(q, k, v, vis):
