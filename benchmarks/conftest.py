@@ -1,0 +1,31 @@
+"""Benchmarks: pytest-benchmark timings plus a ratio table against the baseline measured in the same run.
+
+Each benchmark calls `record(group, variant, seconds, baseline=..., **extra)`; the summary prints, per group, every
+variant's time as a ratio to the group's baseline, and any extra columns (memory, visible fraction, ...).
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+_ROWS: dict = {}
+
+
+def record(group: str, variant: str, seconds: float, baseline: bool = False, **extra):
+    _ROWS.setdefault(group, []).append(dict(variant=variant, seconds=seconds, baseline=baseline, **extra))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    w = terminalreporter.write_line
+    w("")
+    w("ratios against the baseline of each group (time / baseline time; < 1 is faster)")
+    for group, rows in _ROWS.items():
+        base = next((r for r in rows if r["baseline"]), rows[0])
+        w(f"  {group}")
+        for r in rows:
+            extra = "  ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant", "seconds", "baseline"))
+            w(f"    {r['variant']:<28} {r['seconds'] * 1e3:10.2f} ms  x{r['seconds'] / base['seconds']:7.3f}  {extra}")
