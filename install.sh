@@ -11,7 +11,8 @@ python -m pip install --upgrade "pip>=23" "setuptools>=64" wheel
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   python -m pip install "torch==2.13.0" "triton==3.7.1"
 else
-  python -m pip install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+  # only torch itself comes from PyTorch's CPU index; its dependencies come from the default index below
+  python -m pip install --retries 1 --no-deps "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
 # --no-build-isolation: the C++ extension compiles against the torch just installed (an isolated build would
 # resolve a torch of its own).

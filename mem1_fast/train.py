@@ -157,13 +157,21 @@ def save_checkpoint(path: Path, model, tok, optimizer, state: dict):
 
 
 # --- the pieces every phase shares ----------------------------------------------------------------------------
-def score_batch(model, batch, temperature: float):
-    """log-prob and entropy of every trained token of a packed batch, from the hidden state just before it."""
-    from .hf import lm_head_weight, packed_hidden_states
-    from .ops import logprob_entropy
+def loss_rows(model, batch):
+    """Hidden states of the rows that predict the trained tokens (each token is predicted by the row before it),
+    and those tokens. Prompt and observation tokens never reach the LM head."""
+    from .hf import packed_hidden_states
     hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids, batch.visibility)
     pos = batch.loss_positions()
-    return logprob_entropy(hidden[pos - 1], lm_head_weight(model), batch.input_ids[pos], temperature)
+    return hidden[pos - 1], batch.input_ids[pos]
+
+
+def score_batch(model, batch, temperature: float):
+    """log-prob and entropy of every trained token of a packed batch."""
+    from .hf import lm_head_weight
+    from .ops import logprob_entropy
+    rows, targets = loss_rows(model, batch)
+    return logprob_entropy(rows, lm_head_weight(model), targets, temperature)
 
 
 def rollout(model, tok, episodes, args: Args, greedy: bool = False, seed: int = 0):
@@ -193,7 +201,9 @@ def episode_metrics(trajs, prefix: str) -> dict:
 
 
 def main(args: Args):
+    from .hf import lm_head_weight
     from .layout import pack
+    from .ops import ppo_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -321,24 +331,24 @@ def main(args: Args):
             for _ in range(args.ppo_epochs):
                 opt.zero_grad(set_to_none=True)
                 for bi, b in enumerate(batches):
-                    pos = b.loss_positions()
-                    a = adv.to(b.traj_ids.device)[b.traj_ids[pos]]
-                    logp, ent = score_batch(model, b, args.temperature)
-                    ratio = torch.exp(logp - old[bi])
-                    pg = -torch.minimum(ratio * a, ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * a)
-                    loss_tok = pg - args.entropy_coef * ent
-                    if ref is not None:
-                        d = ref[bi] - logp
-                        kl = torch.exp(d) - d - 1  # k3 estimator of KL(policy || reference)
-                        loss_tok = loss_tok + args.kl_coef * kl
-                        stats["kl_ref"] += float(kl.sum()) / total_tokens / args.ppo_epochs
-                    loss = loss_tok.sum() / total_tokens
+                    a = adv.to(b.traj_ids.device)[b.traj_ids[b.loss_positions()]]
+                    rows, targets = loss_rows(model, b)
+                    # fused: the loss and its gradient w.r.t. the logits come out of one pass over the vocabulary
+                    loss, logp, ent = ppo_loss(rows, lm_head_weight(model), targets, old[bi], a,
+                                               ref[bi] if ref is not None else None, args.temperature,
+                                               args.clip_eps, args.entropy_coef, args.kl_coef,
+                                               normalizer=total_tokens)
                     loss.backward()
                     with torch.no_grad():
+                        ratio = torch.exp(logp - old[bi])
+                        n = total_tokens * args.ppo_epochs
                         stats["loss"] += float(loss) / args.ppo_epochs
-                        stats["clipfrac"] += float(((ratio - 1).abs() > args.clip_eps).sum()) / total_tokens / args.ppo_epochs
-                        stats["entropy"] += float(ent.sum()) / total_tokens / args.ppo_epochs
-                        stats["approx_kl"] += float((old[bi] - logp).sum()) / total_tokens / args.ppo_epochs
+                        stats["clipfrac"] += float(((ratio - 1).abs() > args.clip_eps).sum()) / n
+                        stats["entropy"] += float(ent.sum()) / n
+                        stats["approx_kl"] += float((old[bi] - logp).sum()) / n
+                        if ref is not None:
+                            d = ref[bi] - logp
+                            stats["kl_ref"] += float((torch.exp(d) - d - 1).sum()) / n
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
         state["rl_step"] = step + 1

@@ -1,5 +1,6 @@
 """The project's ops, one front module each (autograd Function, dispatch, reference)."""
 from .logprob_entropy import logprob_entropy
+from .ppo_loss import ppo_loss
 from .state_attention import state_attention
 
-__all__ = ["state_attention", "logprob_entropy"]
+__all__ = ["state_attention", "logprob_entropy", "ppo_loss"]

@@ -9,8 +9,14 @@ Differentiable in hidden and weight through both outputs. With z = hidden @ weig
     d/dz: g_logp * (onehot - p) + g_ent * p * (sum(p * z) - z)
 The backward recomputes logit chunks instead of saving them.
 
-Backends: "reference" (plain PyTorch, chunked over rows and vocabulary). C++/Triton/CUDA plug in under the same
-signature; `backend=None` picks the best for the device, `MEM1_FAST_LOGPROB_BACKEND` overrides it.
+Backends (one file each, same function): "reference" (plain PyTorch below, chunked over rows and vocabulary),
+"cpp" (csrc/cpu/logprob_entropy.cpp via ops/_cpp_logprob_entropy.py), "triton" (triton_kernels/logprob_entropy.py),
+"cuda" (csrc/cuda/logprob_entropy.cu via ops/_cuda_logprob_entropy.py). A backend module implements
+    available(device) -> bool
+    forward(hidden, weight, targets, temperature) -> (logp fp32 [N], entropy fp32 [N], saved: tuple of tensors)
+    backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight)
+        -> (d_hidden | None, d_weight | None)          # g_logp / g_ent may be None (output unused)
+`backend=None` picks the best available for the device; `MEM1_FAST_LOGPROB_BACKEND` overrides it.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import os
 
 import torch
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "cpp", "triton", "cuda")
 ROW_CHUNK = 1024
 VOCAB_CHUNK = 8192
 
@@ -26,10 +32,56 @@ VOCAB_CHUNK = 8192
 def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(hidden, weight, targets, temperature)
-    backend = backend or os.environ.get("MEM1_FAST_LOGPROB_BACKEND") or "reference"
+    backend = backend or os.environ.get("MEM1_FAST_LOGPROB_BACKEND") or default_backend(hidden)
     if backend not in BACKENDS:
-        raise ValueError(f"logprob_entropy: unknown backend {backend!r}; available: {BACKENDS}")
-    return _ReferenceLogprobEntropy.apply(hidden, weight, targets, float(temperature))
+        raise ValueError(f"logprob_entropy: unknown backend {backend!r}; known: {BACKENDS}")
+    return _LogprobEntropy.apply(hidden, weight, targets.long(), float(temperature), backend_module(backend))
+
+
+def backend_module(name: str):
+    """The module implementing forward/backward for a backend (imported lazily)."""
+    if name == "reference":
+        return _Reference
+    if name == "cpp":
+        from . import _cpp_logprob_entropy as impl
+    elif name == "triton":
+        from ..triton_kernels import logprob_entropy as impl
+    else:
+        from . import _cuda_logprob_entropy as impl
+    return impl
+
+
+def available_backends(device: str = "cpu") -> list[str]:
+    out = ["reference"]
+    for name in BACKENDS[1:]:
+        try:
+            if backend_module(name).available(device):
+                out.append(name)
+        except ImportError:
+            pass
+    return out
+
+
+def default_backend(hidden: torch.Tensor) -> str:
+    prefs = ("triton", "cuda") if hidden.is_cuda else ("cpp",)
+    avail = available_backends(hidden.device.type)
+    return next((b for b in prefs if b in avail), "reference")
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, impl):
+        logp, ent, saved = impl.forward(hidden, weight, targets, temperature)
+        ctx.save_for_backward(hidden, weight, targets, *saved)
+        ctx.temperature, ctx.impl = temperature, impl
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, *saved = ctx.saved_tensors
+        dh, dw = ctx.impl.backward(g_logp, g_ent, hidden, weight, targets, ctx.temperature,
+                                                   tuple(saved), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dh, dw, None, None, None
 
 
 def _check_inputs(hidden, weight, targets, temperature):
@@ -71,59 +123,56 @@ def _row_stats(h, weight, temperature, vchunk=VOCAB_CHUNK):
     return m, s, sz
 
 
-class _ReferenceLogprobEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature):
-        acc = _acc_dtype(hidden)
-        N = hidden.shape[0]
-        logp = torch.empty(N, dtype=acc, device=hidden.device)
-        ent = torch.empty(N, dtype=acc, device=hidden.device)
-        lse = torch.empty(N, dtype=acc, device=hidden.device)
-        ez = torch.empty(N, dtype=acc, device=hidden.device)
-        for r0 in range(0, N, ROW_CHUNK):
-            h = hidden[r0:r0 + ROW_CHUNK].to(acc)
-            m, s, sz = _row_stats(h, weight, temperature)
-            l = m + torch.log(s)
-            t = targets[r0:r0 + ROW_CHUNK]
-            zt = (h * weight[t].to(acc)).sum(1) / temperature
-            lse[r0:r0 + ROW_CHUNK] = l
-            ez[r0:r0 + ROW_CHUNK] = sz / s
-            logp[r0:r0 + ROW_CHUNK] = zt - l
-            ent[r0:r0 + ROW_CHUNK] = l - sz / s
-        ctx.save_for_backward(hidden, weight, targets, lse, ez)
-        ctx.temperature = temperature
-        out_dtype = torch.float64 if acc == torch.float64 else torch.float32
-        return logp.to(out_dtype), ent.to(out_dtype)
+# --- the reference backend --------------------------------------------------------------------------------------
+def reference_forward(hidden, weight, targets, temperature):
+    acc = _acc_dtype(hidden)
+    N = hidden.shape[0]
+    logp, ent, lse, ez = (torch.empty(N, dtype=acc, device=hidden.device) for _ in range(4))
+    for r0 in range(0, N, ROW_CHUNK):
+        r = slice(r0, r0 + ROW_CHUNK)
+        h = hidden[r].to(acc)
+        m, s, sz = _row_stats(h, weight, temperature)
+        lse[r] = m + torch.log(s)
+        ez[r] = sz / s  # E_p[z]
+        logp[r] = (h * weight[targets[r]].to(acc)).sum(1) / temperature - lse[r]
+        ent[r] = lse[r] - ez[r]
+    out = torch.float64 if acc == torch.float64 else torch.float32
+    return logp.to(out), ent.to(out), (lse, ez)
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, targets, lse, ez = ctx.saved_tensors
-        tau = ctx.temperature
-        acc = _acc_dtype(hidden)
-        N = hidden.shape[0]
-        g_logp = torch.zeros(N, dtype=acc, device=hidden.device) if g_logp is None else g_logp.to(acc)
-        g_ent = torch.zeros(N, dtype=acc, device=hidden.device) if g_ent is None else g_ent.to(acc)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        for r0 in range(0, N, ROW_CHUNK):
-            r1 = min(r0 + ROW_CHUNK, N)
-            h = hidden[r0:r1].to(acc)
-            gl, ge = g_logp[r0:r1, None], g_ent[r0:r1, None]
-            l, e_z = lse[r0:r1, None], ez[r0:r1, None]
-            t = targets[r0:r1]
-            for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
-                w = weight[v0:v0 + VOCAB_CHUNK].to(acc)
-                z = (h @ w.T) / tau
-                p = torch.exp(z - l)
-                dz = -gl * p + ge * p * (e_z - z)
-                hit = (t >= v0) & (t < v0 + w.shape[0])
-                rows = hit.nonzero().squeeze(1)
-                dz[rows, t[rows] - v0] += gl[rows, 0]
-                dz = dz / tau
-                if need_h:
-                    d_hidden[r0:r1] += dz @ w
-                if need_w:
-                    d_weight[v0:v0 + w.shape[0]] += dz.T @ h
-        return (None if d_hidden is None else d_hidden.to(hidden.dtype),
-                None if d_weight is None else d_weight.to(weight.dtype), None, None)
+
+def reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_h, need_w):
+    lse, ez = saved
+    tau = temperature
+    acc = _acc_dtype(hidden)
+    N = hidden.shape[0]
+    zeros = lambda: torch.zeros(N, dtype=acc, device=hidden.device)  # noqa: E731
+    g_logp = zeros() if g_logp is None else g_logp.to(acc)
+    g_ent = zeros() if g_ent is None else g_ent.to(acc)
+    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    for r0 in range(0, N, ROW_CHUNK):
+        r1 = min(r0 + ROW_CHUNK, N)
+        h = hidden[r0:r1].to(acc)
+        gl, ge = g_logp[r0:r1, None], g_ent[r0:r1, None]
+        l, e_z = lse[r0:r1, None], ez[r0:r1, None]
+        t = targets[r0:r1]
+        for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
+            w = weight[v0:v0 + VOCAB_CHUNK].to(acc)
+            z = (h @ w.T) / tau  # logits are recomputed, never saved
+            p = torch.exp(z - l)
+            dz = -gl * p + ge * p * (e_z - z)
+            rows = ((t >= v0) & (t < v0 + w.shape[0])).nonzero().squeeze(1)
+            dz[rows, t[rows] - v0] += gl[rows, 0]
+            dz = dz / tau
+            if need_h:
+                d_hidden[r0:r1] += dz @ w
+            if need_w:
+                d_weight[v0:v0 + w.shape[0]] += dz.T @ h
+    return (None if d_hidden is None else d_hidden.to(hidden.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype))
+
+
+class _Reference:
+    available = staticmethod(lambda device: True)
+    forward = staticmethod(reference_forward)
+    backward = staticmethod(reference_backward)
