@@ -13,9 +13,10 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   # only torch itself comes from PyTorch's CPU index; its dependencies come from the default index below
   python -m pip install --retries 1 --no-deps "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  python -m pip install "torch==2.13.0"  # already satisfied by the CPU build: this adds its dependencies
 fi
 # --no-build-isolation: the C++ extension compiles against the torch just installed (an isolated build would
 # resolve a torch of its own).
 MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --no-build-isolation -e ".[${extras}]"
-python -c "import mem1_fast._C" 2>/dev/null && echo "mem1_fast: C++ extension built" \
-  || echo "mem1_fast: C++ extension not built; it is JIT-compiled on first use"
+python -c "import torch, mem1_fast._C" && echo "mem1_fast: C++ extension built" \
+  || echo "mem1_fast: C++ extension not built (see above); it is JIT-compiled on first use"
