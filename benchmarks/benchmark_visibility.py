@@ -2,7 +2,6 @@
 import time
 
 import pytest
-import torch
 
 from conftest import record
 from mem1_fast import _ext
@@ -34,7 +33,7 @@ def test_block_map_vs_dense_mask(benchmark, turns, mode):
     record(group, "block map (torch ops)", torch_map, tile_area_over_visible=round(area, 3),
            visible_fraction=round(vis.visible_pairs() / (T * (T + 1) / 2), 3))
     if _ext.available():
-        cpp = benchmark(lambda: build_block_map(vis.lo, vis.hi, 64, 64, "cpp"))
+        benchmark(lambda: build_block_map(vis.lo, vis.hi, 64, 64, "cpp"))
         record(group, "block map (C++ op)", best_of(lambda: build_block_map(vis.lo, vis.hi, 64, 64, "cpp")))
     else:
         benchmark(lambda: build_block_map(vis.lo, vis.hi, 64, 64, "torch"))

@@ -15,11 +15,9 @@ trainer_state.pt), and resumes from it when present.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -88,6 +86,8 @@ class Args:
     """expert episodes per SFT step"""
     sft_lr: float = 2e-3
     """SFT learning rate (AdamW, linear warm-up then cosine)"""
+    sft_save_every: int = 50
+    """SFT steps between checkpoints"""
     eval_every: int = 10
     """RL steps between greedy evaluations (0 = never)"""
     eval_episodes: int = 64
@@ -235,7 +235,6 @@ def main(args: Args):
     rng = random.Random(args.seed)
     if state["py_rng"] is not None:
         rng.setstate(state["py_rng"])
-    ref_model = copy.deepcopy(model).eval() if args.kl_coef > 0 else None
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}, "
           f"mode {args.mode}, output {out}")
 
@@ -273,11 +272,22 @@ def main(args: Args):
             bar.set_postfix(loss=f"{loss_sum:.3f}")
             log({"phase": "sft", "step": step + 1, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
                  "tokens_per_s": sum(len(t) for t in trajs) / (time.time() - t0)})
+            if (step + 1) % args.sft_save_every == 0 and step + 1 < args.sft_steps:
+                checkpoint(opt)
         state["phase"] = "rl"
         checkpoint(opt)
 
     # ---- phase 2: RL (PPO with group-normalized advantages) -------------------------------------------------
     state["phase"] = "rl"
+    ref_model = None
+    if args.kl_coef > 0:  # the reference is the policy RL started from, kept on disk so a resumed run has it too
+        from transformers import AutoModelForCausalLM
+        from .hf import NAME
+        ref_dir = out / "reference"
+        if not (ref_dir / "config.json").exists():
+            model.save_pretrained(ref_dir)
+        ref_model = AutoModelForCausalLM.from_pretrained(ref_dir, attn_implementation=NAME, dtype=torch.float32)
+        ref_model.to(args.device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if saved is not None and saved["phase"] == "rl" and state["rl_step"] > 0:
         opt.load_state_dict(saved["optimizer"])

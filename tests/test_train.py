@@ -61,3 +61,16 @@ def test_parquet_task_needs_a_retriever(tmp_path):
     pq.write_table(pa.table(rows), path)
     with pytest.raises(ValueError, match="--corpus"):
         train.main(small_args(tmp_path / "o", task=str(path)))
+
+
+def test_kl_reference_survives_resume(tmp_path):
+    """With a KL term the reference is the policy RL started from, also after a resume."""
+    train.main(small_args(tmp_path, steps=1, kl_coef=0.1))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "reference").state_dict()
+    start = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert start["rl_step"] == 1
+    train.main(small_args(tmp_path, steps=2, kl_coef=0.1))
+    ref2 = AutoModelForCausalLM.from_pretrained(tmp_path / "reference").state_dict()
+    assert all(torch.equal(ref[k], ref2[k]) for k in ref)
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all("kl_ref" in r for r in recs if r["phase"] == "rl")
