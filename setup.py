@@ -8,9 +8,16 @@ The C++ extension (csrc/cpu/*.cpp + csrc/bindings.cpp) is built only when torch 
 mem1_fast._ext.load() JIT-compiles the same sources on first use. MAX_JOBS bounds the parallel compile jobs.
 The top-level folder triton_kernels/ is installed as mem1_fast.triton_kernels (a PyPI package named
 triton_kernels exists; ours must not collide with it).
+
+On a CUDA build of torch (torch.version.cuda set) with nvcc found (CUDA_HOME / PATH), a second extension
+mem1_fast._C_cuda is built too: csrc/cuda/state_attention.cu + csrc/cuda/bindings_cuda.cpp, for sm_80 and sm_90a
+(plus compute_80 PTX for newer GPUs); MEM1_FAST_CUDA_ARCHS="80;90a;100a" overrides the list, MEM1_FAST_NO_CUDA=1
+skips it. Without it, the "cuda" backend of state_attention is simply unavailable.
 """
 
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,7 +67,48 @@ def _ext_modules() -> tuple[list, dict]:
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=LD_FLAGS,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext, *_cuda_ext_modules()], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+# --- CUDA extension (CUDA builds of torch only) -------------------------------------------------------------------
+CUDA_SOURCES = ["csrc/cuda/state_attention.cu", "csrc/cuda/bindings_cuda.cpp"]
+CUDA_ARCHS_DEFAULT = "80;90a"
+
+
+def _cuda_gencode() -> list[str]:
+    archs = [a.strip() for a in os.environ.get("MEM1_FAST_CUDA_ARCHS", CUDA_ARCHS_DEFAULT).split(";") if a.strip()]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    lowest = min(archs, key=lambda a: int(re.sub(r"\D", "", a)))
+    flags.append(f"-gencode=arch=compute_{lowest},code=compute_{lowest}")  # PTX, JIT-compiled on newer GPUs
+    return flags
+
+
+def _cuda_ext_modules() -> list:
+    """mem1_fast._C_cuda, only on a CUDA build of torch with nvcc available; [] (with a note) otherwise."""
+    if os.environ.get("MEM1_FAST_NO_CUDA", "") not in ("", "0"):
+        return []
+    import torch
+    from torch.utils import cpp_extension
+
+    if not torch.version.cuda:
+        return []  # CPU build of torch: nothing to link a CUDA extension against
+    home = cpp_extension.CUDA_HOME
+    nvcc = str(Path(home, "bin", "nvcc")) if home else shutil.which("nvcc")
+    if not home or not nvcc or not Path(nvcc).is_file():
+        print(
+            "WARNING: mem1_fast: torch is a CUDA build but nvcc / CUDA_HOME was not found; the CUDA extension "
+            "mem1_fast._C_cuda is NOT built (state_attention's 'cuda' backend will be unavailable)",
+            file=sys.stderr,
+        )
+        return []
+    return [
+        cpp_extension.CUDAExtension(
+            name="mem1_fast._C_cuda",
+            sources=CUDA_SOURCES,
+            include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "cuda")],
+            extra_compile_args={"cxx": ["-O3", "-DNDEBUG"], "nvcc": ["-O3", "-DNDEBUG", *_cuda_gencode()]},
+        )
+    ]
 
 
 packages, package_dir = _packages()
