@@ -10,9 +10,9 @@ The top-level folder triton_kernels/ is installed as mem1_fast.triton_kernels (a
 triton_kernels exists; ours must not collide with it).
 
 On a CUDA build of torch (torch.version.cuda set) with nvcc found (CUDA_HOME / PATH), a second extension
-mem1_fast._C_cuda is built too: csrc/cuda/state_attention.cu + csrc/cuda/bindings_cuda.cpp, for sm_80 and sm_90a
+mem1_fast._C_cuda is built too: csrc/cuda/{state_attention,logprob_entropy}.cu + csrc/cuda/bindings_cuda.cpp, for sm_80 and sm_90a
 (plus compute_80 PTX for newer GPUs); MEM1_FAST_CUDA_ARCHS="80;90a;100a" overrides the list, MEM1_FAST_NO_CUDA=1
-skips it. Without it, the "cuda" backend of state_attention is simply unavailable.
+skips it. Without it, the "cuda" backends of state_attention and logprob_entropy are unavailable.
 """
 
 import os
@@ -71,7 +71,7 @@ def _ext_modules() -> tuple[list, dict]:
 
 
 # --- CUDA extension (CUDA builds of torch only) -------------------------------------------------------------------
-CUDA_SOURCES = ["csrc/cuda/state_attention.cu", "csrc/cuda/bindings_cuda.cpp"]
+CUDA_SOURCES = ["csrc/cuda/state_attention.cu", "csrc/cuda/logprob_entropy.cu", "csrc/cuda/bindings_cuda.cpp"]
 CUDA_ARCHS_DEFAULT = "80;90a"
 
 

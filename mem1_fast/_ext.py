@@ -6,6 +6,9 @@ same sources with ``torch.utils.cpp_extension.load`` into ``$MEM1_FAST_BUILD_DIR
 ``~/.cache/mem1_fast/<torch version>-<python tag>``); ``MAX_JOBS`` bounds the parallel compile jobs as usual.
 Set ``MEM1_FAST_FORCE_JIT=1`` to skip ``mem1_fast._C``.
 
+``load_cuda()`` imports ``mem1_fast._C_cuda`` (built by setup.py on CUDA builds of torch only) and says whether it
+registered its ops; ``cuda_error()`` says why not.
+
 ``cuda_sources()`` lists ``csrc/cuda/*.cu``; ``nvcc_compile(src, arch)`` compiles one of them with nvcc (no GPU
 needed) and returns ptxas' per-kernel register / spill / shared-memory figures.
 """
@@ -27,6 +30,9 @@ from types import ModuleType
 __all__ = [
     "load",
     "available",
+    "has_cpu_op",
+    "load_cuda",
+    "cuda_error",
     "csrc_dir",
     "cpu_sources",
     "cuda_sources",
@@ -160,6 +166,16 @@ def available() -> bool:
         return False
 
 
+def has_cpu_op(name: str) -> bool:
+    """True when the C++ extension loads and registers torch.ops.mem1_fast.<name> (a stale build may lack a newer
+    op: rebuild with `python setup.py build_ext --inplace`)."""
+    if not available():
+        return False
+    import torch
+
+    return hasattr(torch.ops.mem1_fast, name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # nvcc compile checks (no GPU needed)
 
@@ -168,6 +184,32 @@ _ARCH_GENCODE = {
     "sm_90a": "arch=compute_90a,code=sm_90a",
     "sm_90": "arch=compute_90,code=sm_90",
 }
+
+
+_cuda_ok: bool | None = None
+_cuda_error: str | None = None
+
+
+def load_cuda() -> bool:
+    """Import the CUDA extension (registers torch.ops.mem1_fast.*_cuda_* ops); cached. False when it is not built
+    (CPU torch, no nvcc at install) or does not load (built against another torch / CUDA)."""
+    global _cuda_ok, _cuda_error
+    if _cuda_ok is None:
+        try:
+            importlib.import_module("mem1_fast._C_cuda")
+            import torch
+
+            _cuda_ok = hasattr(torch.ops.mem1_fast, "state_attention_cuda_fwd")
+            if not _cuda_ok:
+                _cuda_error = "mem1_fast._C_cuda imported but registered no ops"
+        except (ImportError, OSError, RuntimeError) as e:
+            _cuda_ok, _cuda_error = False, f"{type(e).__name__}: {e}"
+    return _cuda_ok
+
+
+def cuda_error() -> str | None:
+    """Why load_cuda() is False (None when it is True or was not called)."""
+    return None if _cuda_ok else _cuda_error
 
 
 def find_nvcc() -> str | None:

@@ -119,6 +119,13 @@ class Visibility:
             self._block_maps[key] = build_block_map(self.lo, self.hi, BM, BN, backend)
         return self._block_maps[key]
 
+    def transposed_block_map(self, BM: int, BN: int) -> BlockMap:
+        """`block_map(BM, BN)` indexed by key block (the backward's dK/dV pass), cached beside it."""
+        key = ("transposed", BM, BN)
+        if key not in self._block_maps:
+            self._block_maps[key] = self.block_map(BM, BN).transpose()
+        return self._block_maps[key]
+
     def dense(self) -> torch.Tensor:
         """[T, T] bool mask, True = visible. For tests and small examples only."""
         T = self.T

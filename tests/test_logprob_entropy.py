@@ -11,19 +11,20 @@ from mem1_fast.ops.logprob_entropy import available_backends
 BACKENDS = available_backends("cpu")  # every backend that runs here is held to the same oracle
 
 
-def check(N, H, V, temperature, backend, dtype=torch.float32, scale=1.0, tol=1e-5):
+def check(N, H, V, temperature, backend, dtype=torch.float32, scale=1.0, tol=1e-5, device="cpu"):
     hidden = torch.randn(N, H) * scale
     weight = torch.randn(V, H) / math.sqrt(H)
     targets = torch.randint(0, V, (N,))
     g_lp, g_ent = torch.randn(N), torch.randn(N)
-    h1, w1 = hidden.to(dtype).clone().requires_grad_(), weight.to(dtype).clone().requires_grad_()
-    lp, ent = logprob_entropy(h1, w1, targets, temperature, backend=backend)
-    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    h1, w1 = (x.to(device, dtype).clone().requires_grad_() for x in (hidden, weight))
+    lp, ent = logprob_entropy(h1, w1, targets.to(device), temperature, backend=backend)
+    ((lp * g_lp.to(device)).sum() + (ent * g_ent.to(device)).sum()).backward()
+    lp, ent, dh, dw = lp.cpu(), ent.cpu(), h1.grad.cpu(), w1.grad.cpu()
     h2, w2 = (x.detach().to(dtype).double().requires_grad_() for x in (hidden, weight))
     rlp, rent = oracles.logprob_entropy(h2, w2, targets, temperature)
     ((rlp * g_lp.double()).sum() + (rent * g_ent.double()).sum()).backward()
-    for name, a, b in [("logp", lp, rlp), ("entropy", ent, rent), ("d_hidden", h1.grad, h2.grad),
-                       ("d_weight", w1.grad, w2.grad)]:
+    for name, a, b in [("logp", lp, rlp), ("entropy", ent, rent), ("d_hidden", dh, h2.grad),
+                       ("d_weight", dw, w2.grad)]:
         assert torch.isfinite(a).all(), name
         rel = ((a.double() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
         # outputs are fp32 whatever the input dtype; gradients come back in the input dtype
@@ -39,6 +40,16 @@ def check(N, H, V, temperature, backend, dtype=torch.float32, scale=1.0, tol=1e-
 @pytest.mark.parametrize("N,H,V", [(1, 32, 7), (37, 64, 1000), (130, 48, 9000)])
 def test_matches_oracle(backend, temperature, N, H, V):
     check(N, H, V, temperature, backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,H,V", [(37, 64, 1000), (300, 1024, 32003)])
+def test_cuda_backends_match_oracle(backend, dtype, N, H, V):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"the {backend!r} backend is not available on this CUDA machine")
+    check(N, H, V, 0.7, backend, dtype=dtype, device="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

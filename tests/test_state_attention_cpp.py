@@ -24,7 +24,7 @@ from mem1_fast.layout import pack
 from mem1_fast.trajectory import Trajectory
 from mem1_fast.visibility import Visibility
 
-_cpp = pytest.importorskip("mem1_fast.ops._cpp_backend")
+_cpp = pytest.importorskip("mem1_fast.ops._cpp_state_attention")
 pytestmark = pytest.mark.skipif(not _cpp.available("cpu"), reason="C++ extension with state_attention unavailable")
 
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}

@@ -1,4 +1,4 @@
-"""CUDA C++ state_attention (csrc/cuda/state_attention.cu + bindings_cuda.cpp, backend ops/_cuda_backend.py).
+"""CUDA C++ state_attention (csrc/cuda/state_attention.cu + bindings_cuda.cpp, backend ops/_cuda_state_attention.py).
 
 What runs here, without a GPU:
 * the launcher header compiles in host-only translation units (g++ / gcc; C and C++);
@@ -33,7 +33,7 @@ import torch
 
 from mem1_fast import _ext
 from mem1_fast.layout import pack
-from mem1_fast.ops import _cuda_backend, state_attention
+from mem1_fast.ops import _cuda_state_attention, state_attention
 from mem1_fast.ops.state_attention import available_backends
 from mem1_fast.trajectory import Trajectory
 from mem1_fast.visibility import Visibility
@@ -127,11 +127,11 @@ def test_binding_compiles_against_torch_headers(tmp_path):
 
 
 def test_backend_unavailable_without_gpu():
-    assert not _cuda_backend.available("cpu")
+    assert not _cuda_state_attention.available("cpu")
     assert "cuda" not in available_backends("cpu")
     if not torch.cuda.is_available():
-        assert not _cuda_backend.available("cuda")
-        assert _cuda_backend.unavailable_reason()
+        assert not _cuda_state_attention.available("cuda")
+        assert _cuda_state_attention.unavailable_reason()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,8 +446,8 @@ def test_launchers_reject_what_they_do_not_support(emu):
 
 @pytest.fixture
 def cuda_backend():
-    if not _cuda_backend.available("cuda"):
-        reason = f"mem1_fast._C_cuda not available: {_cuda_backend.unavailable_reason()}"
+    if not _cuda_state_attention.available("cuda"):
+        reason = f"mem1_fast._C_cuda not available: {_cuda_state_attention.unavailable_reason()}"
         if os.environ.get("MEM1_FAST_REQUIRE_CUDA_EXT", "") not in ("", "0"):
             pytest.fail(reason)
         pytest.skip(reason)

@@ -298,6 +298,21 @@ def test_every_shipped_config_compiles():
     assert not [r for r in main if r["stack"] or r["local"]]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MEM1_FAST_TEST_TRITON_COMPILE", "") != "all",
+                    reason="set MEM1_FAST_TEST_TRITON_COMPILE=all (autotuning candidates; minutes)")
+def test_autotune_candidates_compile():
+    """MEM1_FAST_TRITON_AUTOTUNE=1 times TUNE_LAUNCHES on GPU: each must compile within the register / shared-memory
+    limits (4-warp candidates may spill: the tuner then finds them slow, nothing breaks)."""
+    rows = _compile_rows(["--tune"])
+    got = {(r["kernel"], r["D"], r["dtype"], r["arch"], r["num_warps"], r["num_stages"]) for r in rows}
+    want = {(k, D, dt, a, t.num_warps, t.num_stages) for k in tk.MAIN_KERNELS for D, dt in tk.MAIN_CONFIGS
+            for a in ("sm_80", "sm_90a") for t in tk.TUNE_LAUNCHES}
+    assert got == want
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["smem"] <= SMEM_LIMIT[r["arch"]], r
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # On a CUDA device
 # ---------------------------------------------------------------------------------------------------------------

@@ -143,6 +143,20 @@ def test_block_map_agrees_with_dense(trajs, mode, tile, backend):
     assert bm.tile_area() >= b.visibility.visible_pairs()
 
 
+def test_block_maps_are_cached_per_batch():
+    """Built once per (tiles) and reused by every layer; the transposed map (dK/dV pass) is cached beside it."""
+    t = Trajectory.from_triples([("PROMPT", 0, [5] * 40), ("STATE", 0, [6] * 30), ("OBS", 0, [7] * 50),
+                                 ("STATE", 1, [6] * 30), ("ACTION", 1, [8] * 9)])
+    vis = pack([t], "retain")[0].visibility
+    bm = vis.block_map(16, 32)
+    assert vis.block_map(16, 32) is bm and vis.block_map(32, 16) is not bm
+    bt = vis.transposed_block_map(16, 32)
+    assert vis.transposed_block_map(16, 32) is bt
+    assert tiles_from_map(bt) == tiles_from_map(bm.transpose())
+    tf, tp = tiles_from_map(bt)
+    assert ({(q, k) for k, q in tf}, {(q, k) for k, q in tp}) == tiles_from_map(bm)
+
+
 def test_block_map_negative_control():
     """A map from a different spec must disagree with the dense tiles (the comparison can fail)."""
     t = Trajectory.from_triples([("PROMPT", 0, [5] * 20), ("STATE", 0, [6] * 20), ("OBS", 0, [7] * 20),

@@ -66,23 +66,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import subprocess
 from dataclasses import astuple, dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# The decorators below read TRITON_INTERPRET when this module is imported; that, not the current environment,
-# decides whether these kernels run interpreted (CPU tensors) or compiled (CUDA tensors).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from ._common import INTERPRETED, available, resource_usage  # noqa: F401 (available: the backend interface)
+from ._common import MAX as _MAX
+from ._common import SUM as _SUM
 
-# Reductions go through tl.reduce with Triton's own combine functions rather than tl.max / tl.sum (those are @jit
-# wrappers; every device-function call re-patches the language under the interpreter, ~ms each). Compiled, it is
-# the same code.
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
+
 
 
 
@@ -367,22 +361,6 @@ def _gemm_kernel(A, B, C, CIN, M, NC, K, s_am, s_ak, s_bk, s_cm, s_cin, alpha,
 # The backend interface
 # -----------------------------------------------------------------------------------------------------------------
 
-def available(device) -> bool:
-    """True for "cuda" with a usable GPU (kernels compiled), and for "cpu" when the kernels were decorated under
-    TRITON_INTERPRET=1 (and it is still set)."""
-    dev = torch.device(device).type
-    if dev == "cpu":
-        return INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
-    if dev == "cuda":
-        if INTERPRETED or not torch.cuda.is_available():
-            return False
-        try:
-            return triton.runtime.driver.active.get_current_target().backend == "cuda"
-        except Exception:  # noqa: BLE001 -- no usable driver is "not available"
-            return False
-    return False
-
-
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the dot products read: the inputs' when they agree (fp32 when they differ); bf16 is computed in
     fp32 under the interpreter."""
@@ -592,25 +570,6 @@ def shipped_configs():
     return [(H, dt) for H in (1024, 4096, 8192) for dt in _DT]
 
 
-def _resource_usage(cubin: bytes, name: str) -> dict:
-    """Registers, stack (= spill space: Triton kernels have no other stack use), local and static shared memory of
-    one kernel, from cuobjdump -res-usage."""
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    cuobjdump = os.path.join(os.path.dirname(get_ptxas(80).path), "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"Function " + re.escape(name) + r":\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    if m is None:
-        raise RuntimeError(f"no resource usage for {name} in cuobjdump output:\n{out}")
-    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "static_smem": int(m.group(3)),
-            "local": int(m.group(4))}
-
-
 def _signature(fn, consts: dict, data_dt: str, cd_dt: str) -> tuple[dict, dict]:
     """Argument types as the launcher specializes them for the main shapes: torch allocations (pointers 16-byte
     aligned), H and V multiples of 16 (4096, 151936 / 152064, ...), so the row strides and the gradient GEMMs'
@@ -671,7 +630,7 @@ def compile_kernel(kernel: str, H: int, dtype: str, arch: int, config: Config | 
     sig, attrs = _signature(fn, consts, dtype, dtype)
     ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                         options={"num_warps": launch[0], "num_stages": launch[1]})
-    usage = _resource_usage(ck.asm["cubin"], ck.metadata.name)
+    usage = resource_usage(ck.asm["cubin"], ck.metadata.name)
     return dict(kernel=kernel, H=H, dtype=dtype, arch=f"sm_{arch}" + ("a" if arch >= 90 else ""), tiles=tiles,
                 num_warps=launch[0], num_stages=launch[1], smem=ck.metadata.shared, **usage)
 

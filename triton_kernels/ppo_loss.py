@@ -60,6 +60,9 @@ def _ppo_token_kernel(LOGP, ENT, OLD, ADV, REF, LOSS, GL, GE, N, clip_eps, ent_c
     tl.store(GE + rows, tl.zeros([BLOCK], tl.float32) - ent_coef * inv_norm, mask=ok)
 
 
+DTYPES = le.DTYPES
+
+
 def available(device) -> bool:
     return le.available(device)
 

@@ -24,7 +24,8 @@ head h reads key/value head h // G, K/V are never repeated in memory; D in {32, 
 * `_bwd_dq_kernel`, per (query block, query head): the forward's tile walk, dQ accumulated in registers.
 
 The backward has no atomics and sums in a fixed order: it is deterministic (bitwise run to run), so the
-`deterministic` argument is always honoured. The launch configuration is fixed per (head dim, dtype); no autotuning.
+`deterministic` argument is always honoured. The launch configuration is fixed per (head dim, dtype); autotuning of
+num_warps / num_stages on GPU is opt-in (MEM1_FAST_TRITON_AUTOTUNE=1, see TUNE_LAUNCHES).
 
 Non-finite K/V. A row must not be affected by a NaN/inf in a key it cannot see, yet `0 * NaN` in P @ V would
 spread it to every row of the tile. `_kv_nonfinite_kernel` sets a device flag when K or V holds a non-finite value;
@@ -48,17 +49,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# The decorators below read TRITON_INTERPRET when this module is imported; that, not the current environment,
-# decides whether these kernels run interpreted (CPU tensors) or compiled (CUDA tensors).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from ._common import INTERPRETED, available, resource_usage  # noqa: F401 (available: the backend interface)
+from ._common import MAX as _MAX
+from ._common import SUM as _SUM
+
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -66,11 +66,6 @@ HEAD_DIMS = (32, 64, 128)
 INTERPRETER_TILES = (64, 64)  # fixed tiles under the interpreter (forward, dQ and dK/dV alike); tests patch smaller
 INTERPRETER_KV_TILES = None  # (BM_kv, BN_kv) of the dK/dV pass under the interpreter; None: the (BM, BN) given
 
-# Reductions go through tl.reduce with Triton's own combine functions rather than tl.max / tl.sum: those are
-# @jit wrappers, and every device-function call re-patches the language under the interpreter (~2 ms each), which
-# would dominate the CPU tests. Compiled, it is the same code (fp32 / int32 inputs, no promotion involved).
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -115,8 +110,8 @@ def _cfg(tiles, kv_tiles, fwd, dq, dkdv, fwd_nan, dq_nan, dkdv_nan) -> Config:
 # at D = 128), with tiles / num_warps / num_stages chosen from the compiler's figures so that no kernel of the fast
 # path spills on sm_80 nor on sm_90a (tests/test_state_attention_triton.py compiles them and prints the table).
 # fp32 runs IEEE fp32 dots (no tensor cores): smaller tiles. The *_nan variants (non-finite K/V only) spill on
-# some configs; they are correct, just slower. No autotuning: a timing-dependent choice would break bitwise
-# run-to-run reproducibility across processes, and a benchmark cannot tell which of the two variants does the work.
+# some configs; they are correct, just slower. Autotuning is opt-in (below): the shipped launches are the ones held
+# to zero spills, and a benchmark cannot tell which of the two variants of a kernel does the work.
 CONFIGS: dict[tuple[int, str], Config] = {
     (32, "half"): _cfg((128, 64), (32, 128), fwd=(4, 3), dq=(4, 2), dkdv=(4, 2),
                        fwd_nan=(8, 2), dq_nan=(8, 2), dkdv_nan=(8, 2)),
@@ -132,6 +127,15 @@ CONFIGS: dict[tuple[int, str], Config] = {
                         fwd_nan=(4, 2), dq_nan=(4, 2), dkdv_nan=(8, 2)),
 }
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Opt-in autotuning on GPU (MEM1_FAST_TRITON_AUTOTUNE=1): the fast variant of each kernel times TUNE_LAUNCHES once
+# per (kernel, D, tiles, intervals, dtypes) in the process and keeps the fastest. Only num_warps / num_stages vary:
+# the tiles are those of the block map the front built, so the tile walk and its summation order stay the same.
+# Off by default: the shipped launches are the ones the compile checks hold to zero spills, and a first call that
+# times 4 launches per kernel is a surprise in a trainer. `python -m ... --tune` compiles the candidates.
+AUTOTUNE = os.environ.get("MEM1_FAST_TRITON_AUTOTUNE", "0") == "1"
+TUNE_LAUNCHES = tuple(Launch(w, s) for w in (4, 8) for s in (2, 3))
+_TUNED: dict = {}
 
 
 def _dtype_class(dtype: torch.dtype) -> str:
@@ -470,20 +474,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, LO, HI, PP, PI, FP, FI, K
 # The backend interface
 # -----------------------------------------------------------------------------------------------------------------
 
-def available(device: str) -> bool:
-    dev = torch.device(device).type
-    if dev == "cpu":
-        return INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
-    if dev == "cuda":
-        if INTERPRETED or not torch.cuda.is_available():
-            return False
-        try:
-            return triton.runtime.driver.active.get_current_target().backend == "cuda"
-        except (RuntimeError, AttributeError, ImportError):  # no usable CUDA driver
-            return False
-    return False
-
-
 def tile_sizes(q: torch.Tensor) -> tuple[int, int]:
     """(BM, BN) of the forward and dQ kernels: the block map the front builds (and caches on the Visibility)."""
     if INTERPRETED:
@@ -531,19 +521,6 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # only fp32 x fp32 dots read it
 
 
-def _transposed(vis, bm):
-    """The transposed block map (dK/dV pass), cached beside the block map on the Visibility: built once per batch
-    and reused by every layer, like the block map itself."""
-    cache = getattr(vis, "_block_maps", None)
-    if cache is None:
-        return bm.transpose()
-    key = ("transposed", bm.BM, bm.BN)
-    hit = cache.get(key)
-    if hit is None or hit[0] is not bm:
-        hit = cache[key] = (bm, bm.transpose())
-    return hit[1]
-
-
 def _kv_flag(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """int32 [1] on k's device: 1 when K or V holds a non-finite value. Computed on the device, read only by the
     kernels (no host synchronization): both variants of each kernel are launched and one of them exits at once."""
@@ -555,9 +532,19 @@ def _kv_flag(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return flag
 
 
+def _tuned(kernel):
+    if kernel not in _TUNED:
+        cfgs = [triton.Config({}, num_warps=t.num_warps, num_stages=t.num_stages) for t in TUNE_LAUNCHES]
+        _TUNED[kernel] = triton.autotune(cfgs, key=["D", "BM", "BN", "NK"])(kernel)
+    return _TUNED[kernel]
+
+
 def _launch_variants(kernel, grid, args, fast: Launch, nan: Launch):
-    for sanitize, launch in ((False, fast), (True, nan)):
-        kernel[grid](*args, sanitize, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if AUTOTUNE and not INTERPRETED:
+        _tuned(kernel)[grid](*args, False)
+    else:
+        kernel[grid](*args, False, num_warps=fast.num_warps, num_stages=fast.num_stages)
+    kernel[grid](*args, True, num_warps=nan.num_warps, num_stages=nan.num_stages)
 
 
 def forward(q, k, v, vis, scale, BM, BN):
@@ -606,7 +593,7 @@ def backward(dout, q, k, v, out, lse, vis, scale, BM, BN, deterministic):
         out, dout, lse, lse2, delta, T, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), D, blk,
         num_warps=cfg.pre.num_warps, num_stages=cfg.pre.num_stages)
     flag = _kv_flag(k, v)
-    bkv = _transposed(vis, vis.block_map(cfg.BM_kv, cfg.BN_kv))  # per key block: its query blocks
+    bkv = vis.transposed_block_map(cfg.BM_kv, cfg.BN_kv)  # per key block: its query blocks
     _launch_variants(_bwd_dkdv_kernel, (bkv.num_q_blocks, Hkv),
                      (q, k, v, dout, dk, dv, lse2, delta, lo, hi, bkv.partial_ptr, bkv.partial_idx, bkv.full_ptr,
                       bkv.full_idx, flag, T, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
@@ -648,25 +635,6 @@ def shipped_configs():
     return [(D, dt) for D in HEAD_DIMS for dt in _DT]
 
 
-def _resource_usage(cubin: bytes, name: str) -> dict:
-    """Registers, stack (= spill space: Triton kernels have no other stack use), local and static shared memory
-    of one kernel, from cuobjdump -res-usage (milliseconds, also on a Triton cache hit)."""
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    cuobjdump = os.path.join(os.path.dirname(get_ptxas(80).path), "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"Function " + re.escape(name) + r":\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    if m is None:
-        raise RuntimeError(f"no resource usage for {name} in cuobjdump output:\n{out}")
-    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "static_smem": int(m.group(3)),
-            "local": int(m.group(4))}
-
-
 def compile_kernel(kernel: str, D: int, dtype: str, arch: int, NK: int = 2, config: Config | None = None) -> dict:
     """Compile one kernel of the shipped config for `sm_{arch}` (80 -> sm_80, 90 -> sm_90a) without a GPU and return
     its figures. Needs the un-interpreted kernels: call it in a process without TRITON_INTERPRET=1."""
@@ -705,11 +673,16 @@ def compile_kernel(kernel: str, D: int, dtype: str, arch: int, NK: int = 2, conf
     src = ASTSource(fn, sig, consts, attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                         options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
-    usage = _resource_usage(ck.asm["cubin"], ck.metadata.name)
+    usage = resource_usage(ck.asm["cubin"], ck.metadata.name)
     t = consts.get("BM"), consts.get("BN")
     return dict(kernel=kernel, D=D, dtype=dtype, arch=f"sm_{arch}" + ("a" if arch >= 90 else ""),
                 tiles=f"{t[0]}x{t[1]}" if t[0] else "-", num_warps=launch.num_warps, num_stages=launch.num_stages,
                 smem=ck.metadata.shared, **usage)
+
+
+def _with_launch(cfg: Config, kernel: str, launch: Launch) -> Config:
+    import dataclasses
+    return dataclasses.replace(cfg, **{_KERNELS[kernel][2]: launch})
 
 
 def format_report(rows: list[dict]) -> str:
@@ -738,6 +711,7 @@ def main(argv=None):
     ap.add_argument("--head-dims", type=int, nargs="+")
     ap.add_argument("--dtypes", nargs="+")
     ap.add_argument("--kernels", nargs="+")
+    ap.add_argument("--tune", action="store_true", help="the autotuning candidates TUNE_LAUNCHES of the fast kernels")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     combos = shipped_configs() if a.all else MAIN_CONFIGS
@@ -746,7 +720,11 @@ def main(argv=None):
     if a.dtypes:
         combos = [c for c in combos if c[1] in a.dtypes]
     kernels = a.kernels or (list(_KERNELS) if a.all else MAIN_KERNELS)
-    rows = [compile_kernel(k, D, dt, arch) for arch in a.arch for D, dt in combos for k in kernels]
+    if a.tune:
+        rows = [compile_kernel(k, D, dt, arch, config=_with_launch(CONFIGS[(D, _dtype_class(_DT[dt][0]))], k, t))
+                for arch in a.arch for D, dt in combos for k in (a.kernels or MAIN_KERNELS) for t in TUNE_LAUNCHES]
+    else:
+        rows = [compile_kernel(k, D, dt, arch) for arch in a.arch for D, dt in combos for k in kernels]
     print(json.dumps(rows) if a.json else format_report(rows))
 
 

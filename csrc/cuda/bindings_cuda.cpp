@@ -1,12 +1,16 @@
-// mem1_fast CUDA extension (mem1_fast._C_cuda): the torch binding of the raw launchers of state_attention.cu.
+// mem1_fast CUDA extension (mem1_fast._C_cuda): the torch binding of the raw launchers of state_attention.cu and
+// logprob_entropy.cu.
 //
 // Built only on CUDA builds of torch (setup.py); it is never compiled against the CPU torch. Ops, called as
-// torch.ops.mem1_fast.<name> once `mem1_fast._C_cuda` is imported (mem1_fast/ops/_cuda_backend.py does that):
+// torch.ops.mem1_fast.<name> once `mem1_fast._C_cuda` is imported (mem1_fast/ops/_cuda_state_attention.py does that):
 //
 //   state_attention_cuda_fwd(q, k, v, lo, hi, partial_ptr, partial_idx, full_ptr, full_idx, scale, BM, BN)
 //       -> (out [T, Hq, D] in q's dtype, lse float32 [Hq, T])
 //   state_attention_cuda_bwd(dout, q, k, v, out, lse, lo, hi, <block map>, <transposed block map>, scale, BM, BN)
 //       -> (dq, dk, dv) in the input dtype
+//   logprob_entropy_cuda_fwd(hidden [N, H], weight [V, H], targets int64 [N], temperature)
+//       -> (logp float32 [N], entropy float32 [N], stats float32 [3, N] = (m, logs, mean_d))
+//       (hidden and weight share a dtype: fp16, bf16 or fp32; the Triton backward consumes `stats`)
 //
 // q [T, Hq, D], k / v [T, Hkv, D] (fp16 or bf16, D in {64, 128}, Hq % Hkv == 0), lo / hi int32 [T, K], the block
 // map of Visibility.block_map(BM, BN) and its transpose (BlockMap.transpose()), all on one CUDA device. Inputs
@@ -24,6 +28,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "logprob_entropy.cuh"
 #include "state_attention.cuh"
 
 namespace {
@@ -164,6 +169,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_attention_cuda_bwd(
   return {dq, dk, dv};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_entropy_cuda_fwd(const at::Tensor& hidden_,
+                                                                     const at::Tensor& weight_,
+                                                                     const at::Tensor& targets_, double temperature) {
+  TORCH_CHECK(hidden_.is_cuda() && weight_.device() == hidden_.device() && targets_.device() == hidden_.device(),
+              "logprob_entropy_cuda_fwd: hidden, weight and targets must be on one CUDA device");
+  TORCH_CHECK(hidden_.dim() == 2 && weight_.dim() == 2 && hidden_.size(1) == weight_.size(1),
+              "logprob_entropy_cuda_fwd: hidden must be [N, H] and weight [V, H]");
+  const auto dt = hidden_.scalar_type();
+  TORCH_CHECK(weight_.scalar_type() == dt && (dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat),
+              "logprob_entropy_cuda_fwd: hidden and weight must share a dtype among fp16, bf16, fp32");
+  TORCH_CHECK(targets_.dim() == 1 && targets_.size(0) == hidden_.size(0) && targets_.scalar_type() == at::kLong,
+              "logprob_entropy_cuda_fwd: targets must be int64 [N]");
+  TORCH_CHECK(temperature > 0, "logprob_entropy_cuda_fwd: temperature must be > 0");
+  TORCH_CHECK(weight_.size(0) > 0, "logprob_entropy_cuda_fwd: empty vocabulary");
+  const c10::cuda::CUDAGuard guard(hidden_.device());
+  const at::Tensor hidden = hidden_.stride(1) == 1 ? hidden_ : hidden_.contiguous();
+  const at::Tensor weight = weight_.stride(1) == 1 ? weight_ : weight_.contiguous();
+  const at::Tensor targets = targets_.contiguous();
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, f32), entropy = at::empty({N}, f32), stats = at::empty({3, N}, f32);
+  if (N == 0) return {logp, entropy, stats};
+  int sms = 0;
+  check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, hidden.get_device()),
+               "cudaDeviceGetAttribute");
+  const int64_t splits = mem1_logprob_entropy_fwd_splits(N, V, sms);
+  at::Tensor workspace = at::empty({4, splits, N}, f32);
+  Mem1LogprobEntropyFwdParams p{};
+  p.hidden = hidden.data_ptr();
+  p.stride_hidden = hidden.stride(0);
+  p.weight = weight.data_ptr();
+  p.stride_weight = weight.stride(0);
+  p.targets = targets.data_ptr<int64_t>();
+  p.N = N;
+  p.V = V;
+  p.H = H;
+  p.inv_temperature = 1.0 / temperature;
+  p.logp = logp.data_ptr<float>();
+  p.entropy = entropy.data_ptr<float>();
+  p.stats = stats.data_ptr<float>();
+  p.workspace = workspace.data_ptr<float>();
+  p.splits = splits;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(dt == at::kHalf       ? mem1_logprob_entropy_fwd_f16(&p, stream)
+               : dt == at::kBFloat16 ? mem1_logprob_entropy_fwd_bf16(&p, stream)
+                                     : mem1_logprob_entropy_fwd_f32(&p, stream),
+               "logprob_entropy_cuda_fwd");
+  return {logp, entropy, stats};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mem1_fast, m) {
@@ -173,11 +228,14 @@ TORCH_LIBRARY_FRAGMENT(mem1_fast, m) {
         "Tensor hi, Tensor partial_ptr, Tensor partial_idx, Tensor full_ptr, Tensor full_idx, Tensor t_partial_ptr, "
         "Tensor t_partial_idx, Tensor t_full_ptr, Tensor t_full_idx, float scale, int BM, int BN) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("logprob_entropy_cuda_fwd(Tensor hidden, Tensor weight, Tensor targets, float temperature) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mem1_fast, CUDA, m) {
   m.impl("state_attention_cuda_fwd", &state_attention_cuda_fwd);
   m.impl("state_attention_cuda_bwd", &state_attention_cuda_bwd);
+  m.impl("logprob_entropy_cuda_fwd", &logprob_entropy_cuda_fwd);
 }
 
 // The Python module is empty: importing it runs the registrations above (same pattern as csrc/bindings.cpp).

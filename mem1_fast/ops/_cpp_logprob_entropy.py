@@ -23,21 +23,10 @@ from .. import _ext
 
 TILE: tuple[int, int] = tuple(int(x) for x in os.environ.get("MEM1_FAST_LOGPROB_TILE", "0,0").split(","))
 
-_ok: bool | None = None
-
 
 def available(device: str = "cpu") -> bool:
     """True for CPU when the C++ extension loads and registers the logprob_entropy ops."""
-    global _ok
-    if str(device).split(":")[0] != "cpu":
-        return False
-    if _ok is None:
-        try:
-            _ext.load()
-            _ok = hasattr(torch.ops.mem1_fast, "logprob_entropy_fwd")
-        except (RuntimeError, AttributeError):
-            _ok = False
-    return _ok
+    return str(device).split(":")[0] == "cpu" and _ext.has_cpu_op("logprob_entropy_fwd")
 
 
 def _ops():

@@ -20,11 +20,10 @@ Backends (one file each, same function): "reference" (plain PyTorch below, chunk
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-BACKENDS = ("reference", "cpp", "triton", "cuda")
+from ._dispatch import Backends
+
 ROW_CHUNK = 1024
 VOCAB_CHUNK = 8192
 
@@ -32,40 +31,8 @@ VOCAB_CHUNK = 8192
 def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(hidden, weight, targets, temperature)
-    backend = backend or os.environ.get("MEM1_FAST_LOGPROB_BACKEND") or default_backend(hidden)
-    if backend not in BACKENDS:
-        raise ValueError(f"logprob_entropy: unknown backend {backend!r}; known: {BACKENDS}")
-    return _LogprobEntropy.apply(hidden, weight, targets.long(), float(temperature), backend_module(backend))
-
-
-def backend_module(name: str):
-    """The module implementing forward/backward for a backend (imported lazily)."""
-    if name == "reference":
-        return _Reference
-    if name == "cpp":
-        from . import _cpp_logprob_entropy as impl
-    elif name == "triton":
-        from ..triton_kernels import logprob_entropy as impl
-    else:
-        from . import _cuda_logprob_entropy as impl
-    return impl
-
-
-def available_backends(device: str = "cpu") -> list[str]:
-    out = ["reference"]
-    for name in BACKENDS[1:]:
-        try:
-            if backend_module(name).available(device):
-                out.append(name)
-        except ImportError:
-            pass
-    return out
-
-
-def default_backend(hidden: torch.Tensor) -> str:
-    prefs = ("triton", "cuda") if hidden.is_cuda else ("cpp",)
-    avail = available_backends(hidden.device.type)
-    return next((b for b in prefs if b in avail), "reference")
+    impl = _backends.module(_backends.pick(backend, hidden))
+    return _LogprobEntropy.apply(hidden, weight, targets.long(), float(temperature), impl)
 
 
 class _LogprobEntropy(torch.autograd.Function):
@@ -176,3 +143,13 @@ class _Reference:
     available = staticmethod(lambda device: True)
     forward = staticmethod(reference_forward)
     backward = staticmethod(reference_backward)
+
+
+_backends = Backends("logprob_entropy", {"reference": _Reference, "cpp": "._cpp_logprob_entropy",
+                                         "triton": "mem1_fast.triton_kernels.logprob_entropy",
+                                         "cuda": "._cuda_logprob_entropy"},
+                     env="MEM1_FAST_LOGPROB_BACKEND", prefer={"cuda": ("triton", "cuda"), "cpu": ("cpp",)})
+BACKENDS = _backends.names
+available_backends = _backends.available
+default_backend = _backends.default
+backend_module = _backends.module

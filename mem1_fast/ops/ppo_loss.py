@@ -20,14 +20,10 @@ module implements
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ._dispatch import Backends
 from .logprob_entropy import _check_inputs, logprob_entropy
-
-BACKENDS = ("reference", "cpp", "triton")
-
 
 def ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp=None, temperature: float = 1.0,
              clip_eps: float = 0.2, entropy_coef: float = 0.0, kl_coef: float = 0.0, normalizer: float | None = None,
@@ -44,14 +40,12 @@ def ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp=None, tempe
     normalizer = float(N if normalizer is None else normalizer)
     if not normalizer > 0:
         raise ValueError(f"ppo_loss: normalizer must be > 0, got {normalizer}")
-    backend = backend or os.environ.get("MEM1_FAST_PPO_BACKEND") or default_backend(hidden)
-    if backend not in BACKENDS:
-        raise ValueError(f"ppo_loss: unknown backend {backend!r}; known: {BACKENDS}")
+    backend = _backends.pick(backend, hidden)
     args = (targets.long(), old_logp.float(), advantages.float(), None if ref_logp is None else ref_logp.float(),
             float(temperature), float(clip_eps), float(entropy_coef), float(kl_coef), normalizer)
     if backend == "reference":
         return reference_ppo_loss(hidden, weight, *args)
-    return _FusedPPOLoss.apply(hidden, weight, backend_module(backend), *args)
+    return _FusedPPOLoss.apply(hidden, weight, _backends.module(backend), *args)
 
 
 def reference_ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef,
@@ -64,31 +58,6 @@ def reference_ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp, 
         d = ref_logp - logp
         tok = tok + kl_coef * (torch.exp(d) - d - 1)
     return tok.sum() / normalizer, logp.detach(), ent.detach()
-
-
-def backend_module(name: str):
-    if name == "cpp":
-        from . import _cpp_ppo_loss as impl
-    else:
-        from ..triton_kernels import ppo_loss as impl
-    return impl
-
-
-def available_backends(device: str = "cpu") -> list[str]:
-    out = ["reference"]
-    for name in BACKENDS[1:]:
-        try:
-            if backend_module(name).available(device):
-                out.append(name)
-        except ImportError:
-            pass
-    return out
-
-
-def default_backend(hidden: torch.Tensor) -> str:
-    prefs = ("triton",) if hidden.is_cuda else ("cpp",)
-    avail = available_backends(hidden.device.type)
-    return next((b for b in prefs if b in avail), "reference")
 
 
 class _FusedPPOLoss(torch.autograd.Function):
@@ -104,4 +73,21 @@ class _FusedPPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
         dh, dw = ctx.saved_tensors
-        return (dh * g_loss).to(dh.dtype), (dw * g_loss).to(dw.dtype), None, *([None] * 9)
+        # The usual loss.backward() passes 1: hand the gradients over as they are. Scaling them would allocate a
+        # second d_weight ([V, H]) for nothing. Not in place, so a retained graph can run backward again.
+        if not bool(g_loss == 1):
+            dh, dw = (dh * g_loss).to(dh.dtype), (dw * g_loss).to(dw.dtype)
+        return dh, dw, None, *([None] * 9)
+
+
+class _Reference:  # the generic op followed by the formula, in autograd (reference_ppo_loss)
+    available = staticmethod(lambda device: True)
+
+
+_backends = Backends("ppo_loss", {"reference": _Reference, "cpp": "._cpp_ppo_loss",
+                                  "triton": "mem1_fast.triton_kernels.ppo_loss"},
+                     env="MEM1_FAST_PPO_BACKEND", prefer={"cuda": ("triton",), "cpu": ("cpp",)})
+BACKENDS = _backends.names
+available_backends = _backends.available
+default_backend = _backends.default
+backend_module = _backends.module

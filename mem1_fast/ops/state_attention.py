@@ -19,13 +19,12 @@ and read the visibility only through `vis.block_map(BM, BN)` (built once per bat
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from ..visibility import Visibility
+from ._dispatch import Backends
 
-BACKENDS = ("reference", "cpp", "triton", "cuda")
 REFERENCE_CHUNK = 128  # query rows per step of the reference: bounds its memory to chunk x span per head
 
 
@@ -34,46 +33,12 @@ def state_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
                     deterministic: bool = False):
     _check_inputs(q, k, v, visibility)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = backend or os.environ.get("MEM1_FAST_ATTN_BACKEND") or default_backend(q)
-    if backend not in BACKENDS:
-        raise ValueError(f"state_attention: unknown backend {backend!r}; known: {BACKENDS}")
+    backend = _backends.pick(backend, q)
     if backend == "reference":
         out, lse = state_attention_reference(q, k, v, visibility, scale)
     else:
-        impl = _kernel_backend(backend)
-        out, lse = _StateAttention.apply(q, k, v, visibility, scale, impl, deterministic)
+        out, lse = _StateAttention.apply(q, k, v, visibility, scale, _backends.module(backend), deterministic)
     return (out, lse) if return_lse else out
-
-
-def _kernel_backend(name: str):
-    """The module implementing forward/backward for a kernel backend (imported lazily)."""
-    if name == "cpp":
-        from . import _cpp_backend as impl
-    elif name == "triton":
-        from ..triton_kernels import state_attention as impl
-    else:
-        from . import _cuda_backend as impl
-    return impl
-
-
-def available_backends(device: str = "cpu") -> list[str]:
-    """Backends that can run on `device` here (the ones the tests exercise)."""
-    out = ["reference"]
-    for name in BACKENDS[1:]:
-        try:
-            if _kernel_backend(name).available(device):
-                out.append(name)
-        except ImportError:
-            pass
-    return out
-
-
-def default_backend(q: torch.Tensor) -> str:
-    prefs = ("triton", "cuda") if q.is_cuda else ("cpp",)
-    for name in prefs:
-        if name in available_backends(q.device.type):
-            return name
-    return "reference"
 
 
 class _StateAttention(torch.autograd.Function):
@@ -157,3 +122,16 @@ def state_attention_reference(q, k, v, vis: Visibility, scale: float, chunk: int
         outs.append(out.to(q.dtype))
         lses.append((m + torch.log(denom)).squeeze(-1).float().detach())
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+class _Reference:  # autograd runs through the plain PyTorch above
+    available = staticmethod(lambda device: True)
+
+
+_backends = Backends("state_attention", {"reference": _Reference, "cpp": "._cpp_state_attention",
+                                         "triton": "mem1_fast.triton_kernels.state_attention",
+                                         "cuda": "._cuda_state_attention"},
+                     env="MEM1_FAST_ATTN_BACKEND", prefer={"cuda": ("triton", "cuda"), "cpu": ("cpp",)})
+BACKENDS = _backends.names
+available_backends = _backends.available
+default_backend = _backends.default

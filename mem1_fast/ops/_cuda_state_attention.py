@@ -10,8 +10,8 @@ Called by ops/state_attention.py through
 
 FlashAttention-2 kernels on tensor cores (mma.sync, sm_80+): fp16 / bf16 inputs with fp32 accumulation, head dim
 64 or 128, GQA without repeating K/V. The block map comes from `vis.block_map(BM, BN)` (cached on the Visibility:
-one build per batch, shared by every layer); the backward's dK/dV kernel walks it transposed (CSR over key blocks),
-cached in the same per-batch dict under ("cuda.transposed", BM, BN). The backward has no atomics and a fixed
+one build per batch, shared by every layer); the backward's dK/dV kernel walks it transposed (CSR over key blocks,
+`vis.transposed_block_map`, cached beside it). The backward has no atomics and a fixed
 reduction order: it is deterministic whatever `deterministic` says.
 
 Not supported here (raise NotImplementedError; use the "triton" or "reference" backend): fp32 / fp64 inputs, other
@@ -20,10 +20,9 @@ see it (0 * inf in the P V product); the reference and the Triton backend isolat
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from .. import _ext
 from ..visibility import BlockMap, Visibility
 
 # The tiles the kernels are compiled for (MEM1_SA_BM / MEM1_SA_BN in csrc/cuda/state_attention.cuh).
@@ -31,38 +30,19 @@ BM_DEFAULT = 64
 BN_DEFAULT = 64
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
-EXTENSION = "mem1_fast._C_cuda"
-
-_ok: bool | None = None
-_error: str | None = None
-
-
-def _load() -> bool:
-    """Import the CUDA extension (registers torch.ops.mem1_fast.state_attention_cuda_*); cached."""
-    global _ok, _error
-    if _ok is None:
-        try:
-            importlib.import_module(EXTENSION)
-            _ok = hasattr(torch.ops.mem1_fast, "state_attention_cuda_fwd")
-            if not _ok:
-                _error = f"{EXTENSION} imported but registered no state_attention_cuda ops"
-        except (ImportError, OSError, RuntimeError) as e:  # not built, or built against another torch / CUDA
-            _ok, _error = False, f"{type(e).__name__}: {e}"
-    return _ok
-
 
 def available(device: str | torch.device = "cuda") -> bool:
     """True only for CUDA devices, when torch sees one and the CUDA extension's ops are registered."""
     if str(device).split(":")[0] != "cuda" or not torch.cuda.is_available():
         return False
-    return _load()
+    return _ext.load_cuda()
 
 
 def unavailable_reason() -> str | None:
     """Why `available("cuda")` is False (None when it is True or was not asked yet)."""
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
-    return None if _load() else _error
+    return None if _ext.load_cuda() else _ext.cuda_error()
 
 
 def tile_sizes(q: torch.Tensor) -> tuple[int, int]:
@@ -85,17 +65,6 @@ def _check(q: torch.Tensor, BM: int, BN: int) -> None:
                          f"got ({BM}, {BN})")
 
 
-def transposed_block_map(vis: Visibility, BM: int, BN: int) -> BlockMap:
-    cache = getattr(vis, "_block_maps", None)
-    key = ("cuda.transposed", BM, BN)
-    if cache is not None and key in cache:
-        return cache[key]
-    bt = vis.block_map(BM, BN).transpose()
-    if cache is not None:
-        cache[key] = bt
-    return bt
-
-
 def _map_args(bm: BlockMap):
     return tuple(t.contiguous() for t in (bm.partial_ptr, bm.partial_idx, bm.full_ptr, bm.full_idx))
 
@@ -106,8 +75,8 @@ def _spec(vis: Visibility):
 
 def forward(q, k, v, vis: Visibility, scale: float, BM: int, BN: int):
     _check(q, BM, BN)
-    if not _load():
-        raise RuntimeError(f"cuda state_attention: {EXTENSION} is not available ({_error})")
+    if not _ext.load_cuda():
+        raise RuntimeError(f"cuda state_attention: mem1_fast._C_cuda is not available ({_ext.cuda_error()})")
     bm = vis.block_map(BM, BN)
     return torch.ops.mem1_fast.state_attention_cuda_fwd(q, k, v, *_spec(vis), *_map_args(bm), float(scale), BM, BN)
 
@@ -115,6 +84,6 @@ def forward(q, k, v, vis: Visibility, scale: float, BM: int, BN: int):
 def backward(dout, q, k, v, out, lse, vis: Visibility, scale: float, BM: int, BN: int, deterministic: bool = False):
     _check(q, BM, BN)
     bm = vis.block_map(BM, BN)
-    bt = transposed_block_map(vis, BM, BN)
+    bt = vis.transposed_block_map(BM, BN)
     return torch.ops.mem1_fast.state_attention_cuda_bwd(dout, q, k, v, out, lse, *_spec(vis), *_map_args(bm),
                                                        *_map_args(bt), float(scale), BM, BN)

@@ -27,21 +27,10 @@ from ..visibility import BlockMap, Visibility
 BM_DEFAULT = 64
 BN_DEFAULT = 64
 
-_ok: bool | None = None
-
 
 def available(device: str = "cpu") -> bool:
     """True for CPU when the C++ extension loads and registers the state_attention ops."""
-    global _ok
-    if str(device).split(":")[0] != "cpu":
-        return False
-    if _ok is None:
-        try:
-            _ext.load()
-            _ok = hasattr(torch.ops.mem1_fast, "state_attention_fwd")
-        except (RuntimeError, AttributeError):
-            _ok = False
-    return _ok
+    return str(device).split(":")[0] == "cpu" and _ext.has_cpu_op("state_attention_fwd")
 
 
 def tile_sizes(q: torch.Tensor) -> tuple[int, int]:
