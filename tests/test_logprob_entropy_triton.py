@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import oracles
 import pytest
 import torch
+from triton_compile import SMEM_LIMIT, compile_rows
 
 from mem1_fast.ops import logprob_entropy
 from mem1_fast.ops.ppo_loss import ppo_loss
@@ -268,27 +267,6 @@ def test_shipped_configs_are_consistent():
 # GPU readiness without a GPU: compile for sm_80 and sm_90a
 # ---------------------------------------------------------------------------------------------------------------
 
-SMEM_LIMIT = {"sm_80": 166912, "sm_90a": 232448}  # max dynamic shared memory per block (A100, H100)
-
-
-def _compile_rows(extra: list[str], timeout: int = 3000) -> list[dict]:
-    """The module's compile report in fresh interpreters without TRITON_INTERPRET, one per arch, in parallel."""
-    try:
-        import triton.backends.nvidia.compiler  # noqa: F401
-    except ImportError:
-        pytest.skip("triton's NVIDIA backend (ptxas, cuobjdump) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-m", "triton_kernels.logprob_entropy", "--json", "--arch", str(a),
-                               *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for a in (80, 90)]
-    rows = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, f"compile report failed:\n{err[-6000:]}"
-        rows += json.loads(out.strip().splitlines()[-1])
-    return rows
-
-
 def _check_rows(rows, combos, no_spill_combos):
     print("\n" + tk.format_report(rows))
     got = {(r["kernel"], r["H"], r["dtype"], r["arch"]) for r in rows}
@@ -305,14 +283,14 @@ def _check_rows(rows, combos, no_spill_combos):
 def test_main_configs_compile_for_sm80_and_sm90a_without_spills():
     """Every kernel of the main configuration (bf16, H = 4096: the gradient GEMMs in both chunk variants, the
     forward, merge, dz and PPO-token kernels), for sm_80 and sm_90a, no spills."""
-    _check_rows(_compile_rows([]), tk.MAIN_CONFIGS, tk.MAIN_CONFIGS)
+    _check_rows(compile_rows("logprob_entropy", []), tk.MAIN_CONFIGS, tk.MAIN_CONFIGS)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MEM1_FAST_TEST_TRITON_COMPILE", "") != "all",
                     reason="set MEM1_FAST_TEST_TRITON_COMPILE=all (every shipped config; minutes)")
 def test_every_shipped_config_compiles():
-    _check_rows(_compile_rows(["--all"]), tk.shipped_configs(), tk.MAIN_CONFIGS)
+    _check_rows(compile_rows("logprob_entropy", ["--all"]), tk.shipped_configs(), tk.MAIN_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,16 +10,14 @@ preprocess and flag kernels): ~150 compiles, several minutes on 2 cores with a c
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import oracles
 import pytest
 import torch
+from triton_compile import SMEM_LIMIT, compile_rows
 
 from mem1_fast.ops import state_attention
 from mem1_fast.visibility import Visibility, canonical
@@ -248,27 +246,6 @@ def test_shipped_configs_are_consistent():
 # GPU readiness without a GPU: compile for sm_80 and sm_90a
 # ---------------------------------------------------------------------------------------------------------------
 
-SMEM_LIMIT = {"sm_80": 166912, "sm_90a": 232448}  # max dynamic shared memory per block (A100, H100)
-
-
-def _compile_rows(extra: list[str], timeout: int = 1800) -> list[dict]:
-    """Run the module's compile report in fresh interpreters without TRITON_INTERPRET, one per arch, in parallel."""
-    try:
-        import triton.backends.nvidia.compiler  # noqa: F401
-    except ImportError:
-        pytest.skip("triton's NVIDIA backend (ptxas, cuobjdump) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-m", "triton_kernels.state_attention", "--json", "--arch", str(a),
-                               *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for a in (80, 90)]
-    rows = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, f"compile report failed:\n{err[-6000:]}"
-        rows += json.loads(out.strip().splitlines()[-1])
-    return rows
-
-
 def _check_rows(rows, kernels, combos, no_spill: bool):
     print("\n" + tk.format_report(rows))
     got = {(r["kernel"], r["D"], r["dtype"], r["arch"]) for r in rows}
@@ -284,7 +261,7 @@ def _check_rows(rows, kernels, combos, no_spill: bool):
 
 def test_main_configs_compile_for_sm80_and_sm90a_without_spills():
     """fwd / dK-dV / dQ (the path every training step runs) for fp16 and bf16 at D = 64 and 128."""
-    rows = _compile_rows([])
+    rows = compile_rows("state_attention", [])
     _check_rows(rows, tk.MAIN_KERNELS, tk.MAIN_CONFIGS, no_spill=True)
 
 
@@ -292,7 +269,7 @@ def test_main_configs_compile_for_sm80_and_sm90a_without_spills():
 @pytest.mark.skipif(os.environ.get("MEM1_FAST_TEST_TRITON_COMPILE", "") != "all",
                     reason="set MEM1_FAST_TEST_TRITON_COMPILE=all (every shipped config and kernel; minutes)")
 def test_every_shipped_config_compiles():
-    rows = _compile_rows(["--all"])
+    rows = compile_rows("state_attention", ["--all"])
     _check_rows(rows, list(tk._KERNELS), tk.shipped_configs(), no_spill=False)
     main = [r for r in rows if (r["D"], r["dtype"]) in tk.MAIN_CONFIGS and r["kernel"] in tk.MAIN_KERNELS]
     assert not [r for r in main if r["stack"] or r["local"]]
@@ -304,7 +281,7 @@ def test_every_shipped_config_compiles():
 def test_autotune_candidates_compile():
     """MEM1_FAST_TRITON_AUTOTUNE=1 times TUNE_LAUNCHES on GPU: each must compile within the register / shared-memory
     limits (4-warp candidates may spill: the tuner then finds them slow, nothing breaks)."""
-    rows = _compile_rows(["--tune"])
+    rows = compile_rows("state_attention", ["--tune"])
     got = {(r["kernel"], r["D"], r["dtype"], r["arch"], r["num_warps"], r["num_stages"]) for r in rows}
     want = {(k, D, dt, a, t.num_warps, t.num_stages) for k in tk.MAIN_KERNELS for D, dt in tk.MAIN_CONFIGS
             for a in ("sm_80", "sm_90a") for t in tk.TUNE_LAUNCHES}
