@@ -39,6 +39,7 @@ def tile_sizes(q: torch.Tensor) -> tuple[int, int]:
 
 def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
     """Which compiled kernel body runs here ("avx512", "avx2" or "generic")."""
+    _ext.load()
     return torch.ops.mem1_fast.state_attention_cpu_isa(torch.empty(0, dtype=dtype))
 
 

@@ -8,13 +8,15 @@ q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (GQA, K/V never repea
 A row with no visible key outputs 0 with lse = -inf and zero gradients, never NaN.
 
 Backends (one file each, same function): "reference" (plain PyTorch below, chunked over query rows, autograd),
-"cpp" (csrc/cpu/state_attention.cpp, CPU tensors), "triton" (triton_kernels/state_attention.py, CUDA tensors, or CPU
-under TRITON_INTERPRET=1), "cuda" (csrc/cuda/state_attention.cu, on CUDA builds). Kernel backends implement
+"cpp" (ops/_cpp_state_attention.py over csrc/cpu/state_attention.cpp, CPU tensors), "triton"
+(triton_kernels/state_attention.py, CUDA tensors, or CPU under TRITON_INTERPRET=1), "cuda"
+(ops/_cuda_state_attention.py over csrc/cuda/state_attention.cu, CUDA builds). Kernel backends implement
+    available(device) -> bool;  tile_sizes(q) -> (BM, BN);  DTYPES (optional: the input dtypes they take)
     forward(q, k, v, vis, scale, BM, BN) -> (out, lse)
     backward(dout, q, k, v, out, lse, vis, scale, BM, BN, deterministic) -> (dq, dk, dv)
-and read the visibility only through `vis.block_map(BM, BN)` (built once per batch, shared by every layer) and
-`vis.lo`/`vis.hi` (per-element masking of partial tiles). `backend=None` picks the best available for the device;
-`MEM1_FAST_ATTN_BACKEND` overrides it.
+and read the visibility only through `vis.block_map(BM, BN)` / `vis.transposed_block_map(BM, BN)` (built once per
+batch, shared by every layer) and `vis.lo`/`vis.hi` (per-element masking of partial tiles). The backend is the
+`backend=` keyword, else `MEM1_FAST_ATTN_BACKEND`, else the first available for the device and dtype (ops/_dispatch.py).
 """
 from __future__ import annotations
 
