@@ -18,6 +18,21 @@ def attention(q, k, v, mask, scale=None):
     return torch.einsum("htu,uhd->thd", p, v), lse
 
 
+def assert_attention_matches(q, k, v, go, vis, out, lse, grads, tol):
+    """A backend's out, lse and (dq, dk, dv) at inputs q, k, v with upstream gradient go, against attention() on
+    vis.dense() in fp64: every value finite, max abs error <= tol, -inf lse exactly where the oracle has it."""
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = attention(q2, k2, v2, vis.dense())
+    (ref * go.double()).sum().backward()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, q2.grad, k2.grad, v2.grad)):
+        assert torch.isfinite(a).all(), name
+        err = (a.double() - b).abs().max().item()
+        assert err <= tol, f"{name}: max error {err:.2e} > {tol:.0e}"
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() <= tol
+
+
 def logprob_entropy(hidden, weight, targets, temperature=1.0):
     z = hidden.double() @ weight.double().T / temperature
     logp_all = torch.log_softmax(z, -1)
