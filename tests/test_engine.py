@@ -100,3 +100,19 @@ def test_bad_use_is_named(model_tok):
     eng.step([0])
     with pytest.raises(ValueError, match="needs the observation"):
         eng.step([0], [[]])
+
+
+@pytest.mark.parametrize("mode", ["recompute", "retain"])
+def test_engine_uses_the_current_cache_api(model_tok, mode):
+    """No deprecation or future warning from our calls into transformers under the pinned stack (the whole suite
+    also turns them into errors, pyproject.toml); a deprecated argument would break rollouts on a later release."""
+    import warnings
+    model, tok = model_tok
+    eng = HFEngine(model, tok, mode, max_new_tokens=4, temperature=0.7, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eng.start([[3, 4, 5], [6, 7]])
+        eng.step([0, 1])
+        eng.step([0, 1], [[8, 9], [10]])
+    bad = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not bad, [f"{w.category.__name__}: {w.message}" for w in bad]

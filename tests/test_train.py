@@ -5,9 +5,10 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mem1_fast import train
+from mem1_fast.tiny import tiny_model
 
 
 def small_args(out, **kw):
@@ -24,10 +25,7 @@ def test_short_run_writes_metrics_and_checkpoint(tmp_path, mode):
     assert [r["step"] for r in recs if r["phase"] == "sft"] == [1, 2, 3]
     assert [r["step"] for r in recs if r["phase"] == "rl"] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs if r["phase"] in ("sft", "rl"))
-    ckpt = tmp_path / "checkpoint"
-    model = AutoModelForCausalLM.from_pretrained(ckpt)
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    assert model.config.vocab_size == len(tok)
+    ckpt = tmp_path / "checkpoint"  # that it reloads as what was trained: tests/test_checkpoint.py
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert state["rl_step"] == 2 and state["phase"] == "rl"
 
@@ -52,17 +50,6 @@ def test_help_documents_every_option():
     assert "consolidation mode" in out.stdout
 
 
-def test_parquet_task_needs_a_retriever(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    rows = {"prompt": [[{"role": "user", "content": "<q> where was x born ?"}]], "data_source": ["toy"],
-            "reward_model": [{"style": "rule", "ground_truth": {"target": [["y"]]}}], "extra_info": [{"i": 0}]}
-    path = tmp_path / "t.parquet"
-    pq.write_table(pa.table(rows), path)
-    with pytest.raises(ValueError, match="--corpus"):
-        train.main(small_args(tmp_path / "o", task=str(path)))
-
-
 def test_kl_reference_survives_resume(tmp_path):
     """With a KL term the reference is the policy RL started from, also after a resume."""
     train.main(small_args(tmp_path, steps=1, kl_coef=0.1))
@@ -74,3 +61,84 @@ def test_kl_reference_survives_resume(tmp_path):
     assert all(torch.equal(ref[k], ref2[k]) for k in ref)
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all("kl_ref" in r for r in recs if r["phase"] == "rl")
+
+
+# --- user mistakes: one line naming the option, exit status 2, no traceback, before any model is built ---------
+def write_parquet(path, rows=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = rows or {"prompt": [[{"role": "user", "content": "<q> where was x born ?"}]], "data_source": ["toy"],
+                    "reward_model": [{"style": "rule", "ground_truth": {"target": [["y"]]}}],
+                    "extra_info": [{"i": 0}]}
+    pq.write_table(pa.table(rows), path)
+    return str(path)
+
+
+def bad_inputs(tmp):
+    """(argv, option the message must name, words it must contain) per mistake."""
+    good = write_parquet(tmp / "good.parquet")
+    (tmp / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    no_target = write_parquet(tmp / "no_target.parquet", {"prompt": ["q"], "data_source": ["x"],
+                                                          "reward_model": [{"style": "rule"}]})
+    no_column = write_parquet(tmp / "no_column.parquet", {"prompt": ["q"], "data_source": ["x"]})
+    (tmp / "corpus.jsonl").write_text('{"id": "0", "contents": "\\"t\\"\\nx"}\n{not json\n')
+    (tmp / "empty.jsonl").write_text("\n")
+    (tmp / "no_tok").mkdir()
+    tiny_model(40).save_pretrained(tmp / "no_tok")
+    (tmp / "a_file").write_text("x")
+    return [
+        (["--n-min", "3", "--n-max", "1"], "--n-max", "smaller than --n-min"),
+        (["--n-min", "0"], "--n-min", "at least 1"),
+        (["--n-max", "40"], "--n-max", "turn limit"),
+        (["--temperature", "0"], "--temperature", "> 0"),
+        (["--temperature", "nan"], "--temperature", "> 0"),
+        (["--group-size", "1"], "--group-size", "2 or more"),
+        (["--steps", "-1"], "--steps", ">= 0"),
+        (["--lr", "0"], "--lr", "> 0"),
+        (["--kl-coef", "-1"], "--kl-coef", ">= 0"),
+        (["--task", str(tmp / "missing.parquet"), "--corpus", str(tmp / "corpus.jsonl")], "--task", "existing"),
+        (["--task", str(tmp / "corrupt.parquet"), "--corpus", str(tmp / "corpus.jsonl")], "--task", "not a readable"),
+        (["--task", no_target, "--corpus", str(tmp / "corpus.jsonl")], "--task", "ground_truth"),
+        (["--task", no_column, "--corpus", str(tmp / "corpus.jsonl")], "--task", "missing column"),
+        (["--task", good], "--corpus/--retriever-url", "exactly one"),
+        (["--task", good, "--corpus", "c.jsonl", "--retriever-url", "http://127.0.0.1:1/retrieve"],
+         "--corpus/--retriever-url", "exactly one"),
+        (["--task", good, "--retriever-url", "localhost:8000"], "--retriever-url", "not an http(s) URL"),
+        (["--task", good, "--corpus", str(tmp / "missing.jsonl")], "--corpus", "not a readable"),
+        (["--task", good, "--corpus", str(tmp / "corpus.jsonl")], "--corpus", ":2"),
+        (["--task", good, "--corpus", str(tmp / "empty.jsonl")], "--corpus", "no documents"),
+        (["--corpus", str(tmp / "corpus.jsonl")], "--corpus/--retriever-url", "synthetic task"),
+        (["--model", str(tmp / "missing")], "--model", "no config.json"),
+        (["--model", str(tmp / "no_tok")], "--model", "no usable tokenizer"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device", ""),
+        (["--output-dir", str(tmp / "a_file")], "--output-dir", "not a directory"),
+    ]
+
+
+def test_user_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, monkeypatch, capsys):
+    import transformers
+    cases = bad_inputs(tmp_path)
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the input was checked")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    monkeypatch.setattr("mem1_fast.tiny.tiny_model", no_model)
+    capsys.readouterr()  # the progress bars of writing the test's own model directory
+    for argv, option, words in cases:
+        argv = ["--output-dir", str(tmp_path / "out"), *argv] if "--output-dir" not in argv else argv
+        with pytest.raises(SystemExit) as e:
+            train.cli(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"mem1_fast.train: error: {option}"), (argv, err)
+        assert words in lines[0], (argv, err)
+        assert "Traceback" not in err
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mem1_fast.train", "--output-dir", str(tmp_path), "--n-min", "3",
+                        "--n-max", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "mem1_fast.train: error: --n-max: 1 is smaller than --n-min 3"
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -1,0 +1,79 @@
+"""Checkpoints in the format users load: `save_pretrained` model and tokenizer, the trainer's state beside them.
+
+    AutoModelForCausalLM.from_pretrained(dir), AutoTokenizer.from_pretrained(dir)   # what a user (or vLLM) does
+
+`save` writes into `<dir>.tmp`, checks there that `AutoTokenizer.from_pretrained` gives back the tokenizer that was
+saved (same ids on probe texts, same special tokens), then swaps the folder in. A tokenizer that would reload as
+something else (transformers maps some model types to their own tokenizer class whatever was saved) is an error
+at the first save, not a silently different tokenization after a resume. A crash during the swap leaves
+`<dir>.old`, which `recover` puts back.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint would not reload as what was saved."""
+
+
+def tokenizer_mismatch(tok, other, probe_texts: Sequence[str]) -> str | None:
+    """Why `other` is not the same tokenizer as `tok` on these texts (ids, special tokens, size), or None."""
+    if type(other).__name__ != type(tok).__name__:
+        kind = f" ({type(tok).__name__} saved, {type(other).__name__} loaded)"
+    else:
+        kind = ""
+    if len(other) != len(tok):
+        return f"vocabulary of {len(other)} tokens instead of {len(tok)}{kind}"
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        if getattr(other, name, None) != getattr(tok, name, None):
+            return f"{name} {getattr(other, name, None)} instead of {getattr(tok, name, None)}{kind}"
+    for text in probe_texts:
+        a, b = tok.encode(text, add_special_tokens=False), other.encode(text, add_special_tokens=False)
+        if a != b:
+            return f"{text[:60]!r} encodes to {b[:12]}... instead of {a[:12]}...{kind}"
+    return None
+
+
+def save(path: Path, model, tok, trainer_state: dict, probe_texts: Sequence[str]) -> None:
+    """Write model, tokenizer and `trainer_state` (anything torch.save takes) to `path`, replacing it whole."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    why = tokenizer_mismatch(tok, AutoTokenizer.from_pretrained(tmp), probe_texts)
+    if why:
+        raise CheckpointError(f"AutoTokenizer.from_pretrained({str(tmp)!r}) does not give back the saved tokenizer: "
+                              f"{why}")
+    torch.save(trainer_state, tmp / STATE_FILE)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover(path: Path) -> None:
+    """Undo a swap that a crash interrupted: `<dir>.old` without `<dir>` is the last complete checkpoint."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.exists() and not path.exists():
+        old.rename(path)
+
+
+def has_state(path: Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(Path(path) / STATE_FILE, weights_only=False)
