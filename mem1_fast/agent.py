@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .retriever import RetrievalError
+from .retrieval import RetrievalError
 from .tasks.qa import parse_action, score_answers
 from .trajectory import Trajectory, split_generation, think_splitter
 

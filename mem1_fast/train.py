@@ -158,7 +158,7 @@ def load_task(args: Args):
     if args.task == "synthetic":
         from .tasks.synthetic import SyntheticTask
         return SyntheticTask(seed=args.seed, n_range=(args.n_min, args.n_max)), None
-    from .retriever import BM25Retriever, HttpRetriever, load_corpus
+    from .retrieval import BM25Retriever, HttpRetriever, load_corpus
     from .tasks.qa import load_mem1_parquet
     path = Path(args.task)
     if not path.is_file():

@@ -1,7 +1,7 @@
 """The agent loop's protocol, driven by a scripted engine (no model): stops, observations, scoring, failures."""
 from mem1_fast.agent import AgentConfig, run_episodes
 from mem1_fast.engine import Generation
-from mem1_fast.retriever import RetrievalError
+from mem1_fast.retrieval import RetrievalError
 from mem1_fast.tasks.synthetic import vocabulary
 from mem1_fast.tiny import word_tokenizer
 from mem1_fast.trajectory import Kind

@@ -1,11 +1,12 @@
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mem1_fast.retriever import BM25Retriever, Doc, HttpRetriever, RetrievalError, docs_from_dicts, load_corpus
+from mem1_fast.retrieval import BM25Retriever, Doc, HttpRetriever, RetrievalError, docs_from_dicts, load_corpus
 
 
 def test_doc_title_and_text():
@@ -88,7 +89,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Handler.bodies.append((self.path, body))
-        if self.path == "/retrieve":
+        if self.path == "/slow":
+            time.sleep(1.5)
+        if self.path == "/flaky" and sum(p == "/flaky" for p, _ in _Handler.bodies) <= 2:  # 503 twice, then fine
+            out, code = b"busy", 503
+        elif self.path == "/400":
+            out, code = b"bad request", 400
+        elif self.path in ("/retrieve", "/flaky", "/slow"):
             result = [[{"document": {"id": str(i), "contents": f'"T{i}"\n{q} text'}, "score": 1.0 / (i + 1)}
                        for i in range(body["topk"])] for q in body["queries"]]
             out, code = json.dumps({"result": result}).encode(), 200
@@ -110,6 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.handle_error = lambda *a: None  # the slow handler writes after the client gave up: expected here
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
@@ -140,5 +148,34 @@ def test_http_unreachable():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    with pytest.raises(RetrievalError, match="unreachable"):
-        HttpRetriever(f"http://127.0.0.1:{port}/retrieve", timeout=2).search(["q"], topk=1)
+    t = time.perf_counter()
+    with pytest.raises(RetrievalError, match="unreachable.*after 3 attempts"):
+        HttpRetriever(f"http://127.0.0.1:{port}/retrieve", timeout=2, retries=2, backoff=0.05).search(["q"], topk=1)
+    assert time.perf_counter() - t >= 0.05 + 0.1  # it backed off between the attempts
+
+
+def test_http_retries_transient_errors_then_succeeds(server):
+    _Handler.bodies.clear()
+    res = HttpRetriever(server + "/flaky", retries=3, backoff=0.01).search(["q"], topk=1)
+    assert [p for p, _ in _Handler.bodies] == ["/flaky"] * 3 and res[0][0][0].text == "q text"
+
+
+def test_http_client_errors_are_not_retried(server):
+    _Handler.bodies.clear()
+    with pytest.raises(RetrievalError, match="HTTP 400.*bad request"):
+        HttpRetriever(server + "/400", retries=3, backoff=0.01).search(["q"], topk=1)
+    assert len(_Handler.bodies) == 1
+
+
+def test_http_slower_than_the_timeout_is_an_error(server):
+    with pytest.raises(RetrievalError, match="unreachable.*timed out.*after 2 attempts"):
+        HttpRetriever(server + "/slow", timeout=0.3, retries=1, backoff=0.01).search(["q"], topk=1)
+
+
+def test_http_batches_are_split_and_sent_concurrently_in_order(server):
+    _Handler.bodies.clear()
+    queries = [f"q{i}" for i in range(7)]
+    res = HttpRetriever(server + "/retrieve", max_batch=3, workers=3).search(queries[:3] + [""] + queries[3:], topk=1)
+    assert sorted(len(b["queries"]) for _, b in _Handler.bodies) == [1, 3, 3]
+    assert [r[0][0].text if r else None for r in res] == [f"q{i} text" for i in range(3)] + [None] + \
+        [f"q{i} text" for i in range(3, 7)]

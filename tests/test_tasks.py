@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mem1_fast.retriever import Doc
+from mem1_fast.retrieval import Doc
 from mem1_fast.tasks import (MEM1_TEMPLATE, QAExample, error_observation, exact_match, examples_from_rows, f1,
                              format_observation, hint, load_mem1_parquet, mem1_prompt, normalize_answer,
                              parse_action, score_answers)
@@ -324,7 +324,7 @@ def test_synthetic_hint_and_args():
 
 
 def test_qa_episode():
-    from mem1_fast.retriever import BM25Retriever, RetrievalError
+    from mem1_fast.retrieval import BM25Retriever, RetrievalError
     from mem1_fast.tasks import QAEpisode
     ex = examples_from_rows(_rows())[0]
     ep = QAEpisode.from_example(ex, BM25Retriever([d for d, _ in DOCS]), topk=1, obs_budget=12, count_tokens=words)

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from ..retriever import Doc
+from ..retrieval import Doc
 
 # Paraphrase of gen_data/data_process/qa_search_train_merge_multi.py:44-58. Like the original it holds exactly
 # two literal <answer>...</answer> examples; our scorer does not depend on that (MEM1 defect 10).

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..retriever import BM25Retriever, Doc
+from ..retrieval import BM25Retriever, Doc
 
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
 MAX_TURNS = 64  # hint numbers 0..MAX_TURNS are vocabulary words
