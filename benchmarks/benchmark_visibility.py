@@ -41,7 +41,7 @@ def test_block_map_vs_dense_mask(benchmark, turns, mode):
 
 @pytest.mark.parametrize("turns", [4, 16])
 def test_pack(benchmark, turns):
-    from mem1_fast.layout import pack
+    from mem1_fast.consolidation import pack
     from shapes import mem1_trajectory
     trajs = [mem1_trajectory(turns, i) for i in range(8)]
     benchmark(lambda: pack(trajs, "retain"))

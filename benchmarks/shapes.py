@@ -1,7 +1,7 @@
 """MEM1-shaped packed batches: question 512 tokens, turns of 512-1024 tokens (state + action + observation)."""
 import random
 
-from mem1_fast.layout import pack
+from mem1_fast.consolidation import pack
 from mem1_fast.trajectory import Trajectory
 
 

@@ -29,6 +29,9 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from . import rollout
+from .consolidation import EXACT_MODES
+
 
 @dataclass
 class Args:
@@ -38,8 +41,10 @@ class Args:
     """seed for task sampling, sampling and initialization"""
     model: str = ""
     """local HF model directory; empty = a tiny Llama built offline over the synthetic task's vocabulary"""
-    mode: Literal["recompute", "retain"] = "recompute"
+    mode: Literal[EXACT_MODES] = "recompute"
     """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout"""
+    engine: Literal[rollout.names()] = "hf"
+    """rollout engine: 'hf' runs the trainer's own model (exact log-probs)"""
     task: str = "synthetic"
     """'synthetic' (fresh random world per episode) or a MEM1-format parquet file (needs --corpus or --retriever-url)"""
     corpus: str = ""
@@ -79,8 +84,8 @@ class Args:
     max_tokens_per_batch: int = 8192
     """token budget of one packed forward (trajectories are never split)"""
     recompute_old_logprobs: bool = False
-    """score rollouts with a forward pass instead of using the sampled log-probs (needed when the engine's
-    numerics differ from the trainer's, e.g. bf16 vLLM vs fp32 training)"""
+    """score rollouts with a forward pass instead of the sampled log-probs; on by itself when the engine says
+    its log-probs are not the trainer's (e.g. bf16 vLLM vs fp32 training)"""
     sft_steps: int = 1000
     """synthetic task only: supervised warm start on scripted-expert trajectories before RL (1000 steps: about 8
     minutes on 2 CPU cores, after which the tiny model solves 1-2 objective episodes)"""
@@ -249,27 +254,20 @@ def score_batch(model, batch, temperature: float):
     return logprob_entropy(rows, lm_head_weight(model), targets, temperature)
 
 
-def rollout(model, tok, episodes, args: Args, greedy: bool = False, seed: int = 0):
-    from .agent import AgentConfig, run_episodes
-    from .engine import HFEngine
-    engine = HFEngine(model, tok, args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      greedy=greedy, seed=seed)
-    model.eval()
-    return run_episodes(engine, tok, episodes, AgentConfig(max_turns=args.max_turns))
-
-
 def episode_metrics(trajs, prefix: str) -> dict:
     n = len(trajs)
-    objectives = sum(t.info["n_objectives"] for t in trajs)
+    objectives = sum(t.info.n_objectives for t in trajs)
     m = {
-        "em_per_objective": sum(t.info["em"] for t in trajs) / max(objectives, 1),
-        "f1_per_objective": sum(t.info["f1"] for t in trajs) / max(objectives, 1),
+        "em_per_objective": sum(t.info.em for t in trajs) / max(objectives, 1),
+        "f1_per_objective": sum(t.info.f1 for t in trajs) / max(objectives, 1),
         "reward": sum(t.reward for t in trajs) / n,
-        "answered": sum(t.info["answered"] for t in trajs) / n,
-        "valid": sum(t.info["valid"] for t in trajs) / n,
-        "turns": sum(t.info["turns"] for t in trajs) / n,
-        "searches": sum(t.info["searches"] for t in trajs) / n,
-        "peak_kv_tokens": sum(t.info["peak_kv_tokens"] for t in trajs) / n,
+        "answered": sum(t.info.answered for t in trajs) / n,
+        "valid": sum(t.info.valid for t in trajs) / n,
+        "turns": sum(t.info.turns for t in trajs) / n,
+        "searches": sum(t.info.searches for t in trajs) / n,
+        "peak_kv_tokens": sum(t.info.peak_kv_tokens for t in trajs) / n,
+        "prefilled_tokens": sum(t.info.prefilled_tokens for t in trajs) / n,
+        "reencoded_tokens": sum(t.info.reencoded_tokens for t in trajs) / n,
         "generated_tokens": sum(t.num_generated() for t in trajs) / n,
     }
     return {f"{prefix}/{k}": v for k, v in m.items()}
@@ -279,7 +277,7 @@ def main(args: Args):
     """Train; returns the final (model, tokenizer). Raises UsageError, before any model is built, for bad input."""
     from . import checkpoint as ckpt_io
     from .hf import lm_head_weight
-    from .layout import pack
+    from .consolidation import pack
     from .ops import ppo_loss
 
     check_args(args)
@@ -371,12 +369,20 @@ def main(args: Args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if saved is not None and saved["phase"] == "rl" and state["rl_step"] > 0:
         opt.load_state_dict(saved["optimizer"])
+    engine = rollout.create(args.engine, model, tok, args.mode, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature)
+    recompute_old = args.recompute_old_logprobs or not engine.exact_logprobs  # the engine knows its numerics
     eval_rng_seed = args.seed + 10_000
+
+    def sample(episodes, greedy: bool, seed: int | None = None):
+        model.eval()
+        with torch.no_grad():
+            return rollout.run_episodes(engine, tok, episodes, rollout.AgentConfig(max_turns=args.max_turns),
+                                        greedy=greedy, seed=seed)
 
     def evaluate(step):
         episodes = sample_episodes(random.Random(eval_rng_seed), args.eval_episodes)
-        with torch.no_grad():
-            trajs = rollout(model, tok, episodes, args, greedy=True)
+        trajs = sample(episodes, greedy=True)
         rec = {"phase": "eval", "step": step, **episode_metrics(trajs, "eval")}
         log(rec)
         return rec
@@ -390,8 +396,7 @@ def main(args: Args):
         # 1. rollouts: each episode repeated group_size times
         base = sample_episodes(rng, args.episodes_per_step)
         episodes = [ep for ep in base for _ in range(args.group_size)]
-        with torch.no_grad():
-            trajs = rollout(model, tok, episodes, args, seed=rng.randrange(2**31))
+        trajs = sample(episodes, greedy=False, seed=rng.randrange(2**31))
         t_rollout = time.time() - t0
 
         # 2. advantages: reward normalized within each group of rollouts of one episode
@@ -405,7 +410,7 @@ def main(args: Args):
         old = []
         with torch.no_grad():
             for b in batches:
-                if args.recompute_old_logprobs:
+                if recompute_old:
                     model.eval()
                     old.append(score_batch(model, b, args.temperature)[0])
                 else:
@@ -417,6 +422,7 @@ def main(args: Args):
         stats = {"loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "kl_ref": 0.0}
         skipped = bool((adv == 0).all())
         if not skipped:
+            engine.sleep()  # free what the engine can hold while the trainer updates
             model.train()
             for _ in range(args.ppo_epochs):
                 opt.zero_grad(set_to_none=True)
@@ -441,6 +447,8 @@ def main(args: Args):
                             stats["kl_ref"] += float((torch.exp(d) - d - 1).sum()) / n
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
+            engine.wake()
+            engine.sync_weights(model)  # the next rollouts sample from the updated policy
         state["rl_step"] = step + 1
         elapsed = time.time() - t0
         rec = {"phase": "rl", "step": step + 1, **episode_metrics(trajs, "rollout"), **stats,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 
 class Kind(enum.IntEnum):
@@ -46,7 +46,7 @@ class Trajectory:
 
     segments: list[Segment]
     reward: float = 0.0
-    info: dict = field(default_factory=dict)
+    info: Any = field(default_factory=dict)  # the agent loop puts its EpisodeStats here
 
     def __post_init__(self):
         validate(self.segments)

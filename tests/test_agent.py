@@ -1,7 +1,7 @@
 """The agent loop's protocol, driven by a scripted engine (no model): stops, observations, scoring, failures."""
-from mem1_fast.agent import AgentConfig, run_episodes
-from mem1_fast.engine import Generation
+from mem1_fast.rollout import AgentConfig, Generation, KVStats, run_episodes
 from mem1_fast.retrieval import RetrievalError
+from mem1_fast.tasks.qa import QAProtocol
 from mem1_fast.tasks.synthetic import vocabulary
 from mem1_fast.tiny import word_tokenizer
 from mem1_fast.trajectory import Kind
@@ -14,7 +14,7 @@ class ScriptedEngine:
         self.scripts = scripts  # per episode: list of generation texts
         self.seen_obs = {}
 
-    def start(self, prompts):
+    def start(self, prompts, greedy=None, seed=None):
         self.turn = [0] * len(prompts)
 
     def step(self, idx, observations=None):
@@ -27,11 +27,11 @@ class ScriptedEngine:
             out.append(Generation(ids, [-0.5] * len(ids), "stop"))
         return out
 
-    def peak_kv_tokens(self, i):
-        return 0
+    def kv_stats(self, i):
+        return KVStats()
 
 
-class Ep:
+class Ep(QAProtocol):  # MEM1's tags and scoring (tasks/qa.py); the environment is scripted
     def __init__(self, prompt, targets, max_turns, fail=False):
         self.prompt, self.targets, self.max_turns, self.fail = prompt, targets, max_turns, fail
         self.queries = []
@@ -59,14 +59,14 @@ def test_protocol():
     eng = ScriptedEngine(scripts)
     trajs = run_episodes(eng, TOK, eps, AgentConfig())
     t0, t1, t2, t3 = trajs
-    assert t0.info["answered"] and t0.reward == 1.0 and t0.info["turns"] == 2 and eps[0].queries == [(a, 2)]
+    assert t0.info.answered and t0.reward == 1.0 and t0.info.turns == 2 and eps[0].queries == [(a, 2)]
     assert t0.segments[1].kind == Kind.STATE and TOK.decode(t0.segments[1].token_ids).endswith("</think>")
-    assert t1.info["searches"] == 1 and eps[1].queries == [(a, 1)] and not t1.info["answered"]
-    assert t1.info["finish"] == "search on the last turn" and t1.reward == 0
+    assert t1.info.searches == 1 and eps[1].queries == [(a, 1)] and not t1.info.answered
+    assert t1.info.finish == "search on the last turn" and t1.reward == 0
     assert t1.segments[-1].kind == Kind.ACTION  # no observation after the final-turn search
-    assert t2.info["retrieval_errors"] == 1 and t2.info["turns"] == 2 and t2.reward == 0
+    assert t2.info.retrieval_errors == 1 and t2.info.turns == 2 and t2.reward == 0
     assert "Search failed: server" in eng.seen_obs[2][0]
-    assert not t3.info["valid"] and t3.info["turns"] == 1 and "no <search> or <answer>" in t3.info["finish"]
+    assert not t3.info.valid and t3.info.turns == 1 and "no <search> or <answer>" in t3.info.finish
     # sampled ids and log-probs are kept as given
     assert t0.generation(0) == TOK.encode(scripts[0][0], add_special_tokens=False)
     assert t0.generation_logprobs(1) == [-0.5] * len(t0.generation(1))

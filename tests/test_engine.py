@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from mem1_fast.engine import HFEngine
+from mem1_fast.rollout import HFEngine
 from mem1_fast.tiny import tiny_qwen2, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)] + ["<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>"]
@@ -116,3 +116,55 @@ def test_engine_uses_the_current_cache_api(model_tok, mode):
         eng.step([0, 1], [[8, 9], [10]])
     bad = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     assert not bad, [f"{w.category.__name__}: {w.message}" for w in bad]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "retain"])
+def test_kv_accounting_follows_the_mode_plan(model_tok, mode):
+    """recompute re-encodes the last generation every turn; retain encodes only the new observation."""
+    model, tok = model_tok
+    rng = random.Random(4)
+    eng = HFEngine(model, tok, mode, max_new_tokens=6, temperature=1.0, seed=2)
+    prompts = [[rng.randrange(3, 40) for _ in range(5)], [rng.randrange(3, 40) for _ in range(3)]]
+    eng.start(prompts)
+    gens = [eng.step([0, 1])]
+    obs_all = []
+    for _ in range(3):
+        obs = [[rng.randrange(3, 40) for _ in range(rng.randrange(1, 5))] for _ in range(2)]
+        obs_all.append(obs)
+        gens.append(eng.step([0, 1], obs))
+    for i in range(2):
+        st = eng.kv_stats(i)
+        gen_lens = [len(g[i].token_ids) for g in gens]
+        obs_lens = [len(o[i]) for o in obs_all]
+        reencoded = sum(gen_lens[:-1]) if mode == "recompute" else 0
+        assert st.reencoded_tokens == reencoded
+        assert st.prefilled_tokens == len(prompts[i]) + sum(obs_lens) + reencoded
+        # what the next turn may see, at most: q + the last turn (+ its observation), never the whole history
+        longest_turn = max(g + o for g, o in zip(gen_lens[1:], obs_lens))
+        assert len(prompts[i]) < st.peak_kv_tokens <= len(prompts[i]) + max(gen_lens) + longest_turn
+
+
+def test_sync_weights_takes_another_copy_of_the_weights(model_tok):
+    import copy
+    model, tok = model_tok
+    eng = HFEngine(copy.deepcopy(model), tok, "recompute", max_new_tokens=5, greedy=True)
+    updated = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in updated.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eng.sync_weights(updated)
+    eng.start([[3, 4, 5]])
+    g = eng.step([0])[0]
+    expected = naive_greedy(updated, [3, 4, 5], [0, 1, 2], 5, set())
+    assert g.token_ids == expected[:len(g.token_ids)]
+    assert all(torch.equal(a, b) for a, b in zip(eng.model.state_dict().values(), updated.state_dict().values()))
+
+
+def test_every_registered_engine_implements_the_contract():
+    from mem1_fast import rollout
+    for name in rollout.names():
+        tok = word_tokenizer(WORDS)
+        eng = rollout.create(name, tiny_qwen2(len(tok)), tok, "retain", max_new_tokens=3)
+        for attr in ("start", "step", "kv_stats", "sync_weights", "sleep", "wake"):
+            assert callable(getattr(eng, attr)), (name, attr)
+        assert isinstance(eng.exact_logprobs, bool) and eng.mode == "retain"

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from mem1_fast.agent import AgentConfig, run_episodes
-from mem1_fast.engine import HFEngine
-from mem1_fast.layout import MODES, pack
+from mem1_fast import rollout
+from mem1_fast.consolidation import EXACT_MODES, MODES, pack
+from mem1_fast.rollout import AgentConfig, run_episodes
 from mem1_fast.tasks.synthetic import SyntheticTask
 from mem1_fast.tiny import tiny_model_and_tokenizer, tiny_qwen2, word_tokenizer
 from mem1_fast.train import score_batch
@@ -20,10 +20,16 @@ from mem1_fast.trajectory import Trajectory, split_generation, think_splitter
 WORDS = [f"w{i}" for i in range(60)] + ["<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>"]
 
 
-def engine_rollouts(model, tok, mode, temperature, seed, n=6, turns=4):
+# every (engine, exact mode) pair that runs here; engines whose log-probs are not the trainer's (e.g. bf16) are
+# checked by their own tests against a recomputation, not against this 1e-5 bound
+PAIRS = [(e, m) for e in rollout.names() for m in EXACT_MODES]
+
+
+def engine_rollouts(model, tok, mode, temperature, seed, n=6, turns=4, engine="hf", **engine_kw):
     """Multi-turn rollouts with random observations: every mode's eviction path is exercised."""
     rng = random.Random(seed)
-    eng = HFEngine(model, tok, mode, max_new_tokens=10, temperature=temperature, seed=seed)
+    eng = rollout.create(engine, model, tok, mode, max_new_tokens=10, temperature=temperature, seed=seed,
+                         **engine_kw)
     prompts = [[rng.randrange(3, 60) for _ in range(rng.randrange(2, 10))] for _ in range(n)]
     eng.start(prompts)
     split = think_splitter(tok)
@@ -60,11 +66,11 @@ def max_error(model, trajs, layout_mode, temperature):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("mode", ["recompute", "retain"])
-def test_trainer_logprobs_equal_sampled(mode, temperature):
+@pytest.mark.parametrize("engine,mode", PAIRS)
+def test_trainer_logprobs_equal_sampled(engine, mode, temperature):
     tok = word_tokenizer(WORDS)
     model = tiny_qwen2(len(tok), init_std=0.05, seed=1).eval()
-    trajs = engine_rollouts(model, tok, mode, temperature, seed=3)
+    trajs = engine_rollouts(model, tok, mode, temperature, seed=3, engine=engine)
     assert max(t.num_turns for t in trajs) >= 3 and sum(t.num_generated() for t in trajs) > 100
     errs = {m: max_error(model, trajs, m, temperature) for m in MODES}
     assert errs[mode] <= 1e-5, errs
@@ -73,22 +79,29 @@ def test_trainer_logprobs_equal_sampled(mode, temperature):
             assert errs[other] > 1e-2, errs
 
 
-def test_paper_visibility_is_not_exact():
+@pytest.mark.parametrize("engine,mode", PAIRS)
+def test_paper_visibility_is_not_exact(engine, mode):
     tok = word_tokenizer(WORDS)
     model = tiny_qwen2(len(tok), init_std=0.05, seed=2).eval()
-    for mode in ("recompute", "retain"):
-        trajs = engine_rollouts(model, tok, mode, 1.0, seed=5)
-        assert max_error(model, trajs, "paper", 1.0) > 1e-2
+    trajs = engine_rollouts(model, tok, mode, 1.0, seed=5, engine=engine)
+    assert max_error(model, trajs, "paper", 1.0) > 1e-2
 
 
-def test_agent_loop_rollouts_are_exact():
+def test_paper_has_no_kv_plan_and_no_engine_serves_it():
+    assert "paper" in MODES and "paper" not in EXACT_MODES
+    tok = word_tokenizer(WORDS)
+    with pytest.raises(ValueError, match="matches no rollout"):
+        rollout.create("hf", tiny_qwen2(len(tok)), tok, "paper")
+
+
+@pytest.mark.parametrize("engine,mode", PAIRS)
+def test_agent_loop_rollouts_are_exact(engine, mode):
     """The real agent loop on the synthetic task (observations from BM25, hints, stops)."""
     model, tok = tiny_model_and_tokenizer(seed=4)
     model.eval()
     task = SyntheticTask(seed=1, n_range=(1, 2))
     rng = random.Random(0)
     episodes = [task.sample(rng) for _ in range(8)]
-    for mode in ("recompute", "retain"):
-        eng = HFEngine(model, tok, mode, max_new_tokens=12, temperature=1.0, seed=7)
-        trajs = run_episodes(eng, tok, episodes, AgentConfig())
-        assert max_error(model, trajs, mode, 1.0) <= 1e-5
+    eng = rollout.create(engine, model, tok, mode, max_new_tokens=12, temperature=1.0, seed=7)
+    trajs = run_episodes(eng, tok, episodes, AgentConfig())
+    assert max_error(model, trajs, mode, 1.0) <= 1e-5

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracles
-from mem1_fast.layout import MODES, pack
+from mem1_fast.consolidation import MODES, pack
 from mem1_fast.ops import state_attention
 from mem1_fast.ops.state_attention import available_backends
 from mem1_fast.visibility import Visibility

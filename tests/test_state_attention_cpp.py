@@ -20,7 +20,7 @@ import torch
 
 import oracles
 from mem1_fast import _ext
-from mem1_fast.layout import pack
+from mem1_fast.consolidation import pack
 from mem1_fast.trajectory import Trajectory
 from mem1_fast.visibility import Visibility
 

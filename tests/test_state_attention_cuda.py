@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from mem1_fast import _ext
-from mem1_fast.layout import pack
+from mem1_fast.consolidation import pack
 from mem1_fast.ops import _cuda_state_attention, state_attention
 from mem1_fast.ops.state_attention import available_backends
 from mem1_fast.trajectory import Trajectory

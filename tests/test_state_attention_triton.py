@@ -291,7 +291,7 @@ def test_autotune_candidates_compile():
 def test_cuda_against_reference(D, dtype, tol):
     from test_state_attention import pack_traj
 
-    from mem1_fast.layout import pack
+    from mem1_fast.consolidation import pack
 
     vis = pack([pack_traj(200, 150), pack_traj(37, 300), pack_traj(5, 9)], "recompute")[0].visibility.to("cuda")
     T = vis.T

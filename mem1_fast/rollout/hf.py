@@ -1,7 +1,8 @@
-"""A batched generation engine on a transformers model with a KV cache whose eviction follows consolidation.
+"""`hf`: a batched generation engine on the trainer's own transformers model, with a KV cache whose eviction
+follows the consolidation mode's KV plan.
 
-This is the engine for CPUs and tests (the vLLM engine serves GPU nodes). Per episode it keeps only the KV the
-consolidation mode says the next turn may see (DESIGN §3):
+The engine for CPUs and tests. Per episode it keeps only the KV the mode's plan says the next turn may see
+(DESIGN §3); for the two exact modes that is:
 
 - recompute: the question's KV stays (a prefix cache); each turn re-encodes [t_{j-1} r_{j-1} i_{j-1}] after it at
   positions |q|.., generates g_j, then drops everything after the question.
@@ -22,16 +23,10 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from .layout import EXACT_MODES
+from ..consolidation import EXACT_MODES, get
+from .base import Generation, KVStats, register
 
 QUESTION = -1  # KV tag of the question's slots: never evicted
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]
-    logprobs: list[float]
-    finish: str  # "stop" (stop token), "eos", or "length"
 
 
 @dataclass
@@ -43,7 +38,7 @@ class _Episode:
     next_pos: int = 0
     turn: int = 0
     last_gen: list[int] = field(default_factory=list)
-    peak_kv: int = 0
+    stats: KVStats = field(default_factory=KVStats)
 
     @property
     def kv_len(self) -> int:
@@ -51,11 +46,15 @@ class _Episode:
 
 
 class HFEngine:
-    """Batched sampling with per-episode KV caches (see the module docstring)."""
+    """Batched sampling with per-episode KV caches (see the module docstring). It runs the trainer's model object
+    itself, so its log-probs are the trainer's (`exact_logprobs`) and weight sync costs nothing."""
+
+    exact_logprobs = True
 
     def __init__(self, model, tokenizer, mode: str, max_new_tokens: int = 64, temperature: float = 1.0,
                  greedy: bool = False, stop_strings: Sequence[str] = ("</search>", "</answer>"), seed: int = 0):
-        if mode not in EXACT_MODES:
+        self.plan = get(mode).kv_plan  # what is kept, re-encoded and fed: the mode's, not this engine's
+        if self.plan is None:
             raise ValueError(f"the engine serves the exact modes {EXACT_MODES}; {mode!r} matches no rollout")
         if not greedy and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
@@ -75,11 +74,15 @@ class HFEngine:
         self.episodes: list[_Episode] = []
 
     # --- public API ---------------------------------------------------------------------------------------------
-    def start(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Begin a batch of episodes, one per prompt."""
+    def start(self, prompts: Sequence[Sequence[int]], greedy: bool | None = None, seed: int | None = None) -> None:
+        """Begin a batch of episodes, one per prompt; `greedy` / `seed` override the engine's for this batch."""
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"episode {i}: empty prompt")
+        if greedy is not None:
+            self.greedy = greedy
+        if seed is not None:
+            self.gen.manual_seed(seed)
         self.episodes = [_Episode(prompt=list(p)) for p in prompts]
 
     @torch.no_grad()
@@ -95,20 +98,30 @@ class HFEngine:
                 obs = list(observations[k]) if observations is not None else []
                 if not obs:
                     raise ValueError(f"episode {idx[k]}: turn {ep.turn} needs the observation of turn {ep.turn - 1}")
-                if self.mode == "recompute":
-                    self._evict(ep, lambda t: t != QUESTION)
-                    ids, pos0 = ep.last_gen + obs, len(ep.prompt)
-                else:  # retain: g_{j-1} is cached; drop turn j-2, then encode i_{j-1}
-                    self._evict(ep, lambda t, j=ep.turn: (t != QUESTION) & (t <= j - 2))
-                    ids, pos0 = obs, ep.next_pos
+                plan = self.plan
+                self._evict(ep, lambda t, j=ep.turn: plan.evicts(t, j))
+                ids = ep.last_gen + obs if plan.reencode_last_turn else obs
+                pos0 = len(ep.prompt) if plan.restart_positions else ep.next_pos
                 tag = ep.turn - 1
+                ep.stats.reencoded_tokens += len(ids) - len(obs)
+            ep.stats.prefilled_tokens += len(ids)
             new_ids.append(ids)
             new_pos.append(list(range(pos0, pos0 + len(ids))))
             new_tags.append([tag] * len(ids))
         return self._generate(eps, new_ids, new_pos, new_tags)
 
-    def peak_kv_tokens(self, i: int) -> int:
-        return self.episodes[i].peak_kv
+    def kv_stats(self, i: int) -> KVStats:
+        return self.episodes[i].stats
+
+    def sync_weights(self, model) -> None:
+        if model is not self.model:  # another copy of the weights: take them; the same module: nothing to do
+            self.model.load_state_dict(model.state_dict())
+
+    def sleep(self) -> None:  # the cache lives only inside step(); nothing is held between turns but compact KV
+        pass
+
+    def wake(self) -> None:
+        pass
 
     # --- internals ----------------------------------------------------------------------------------------------
     def _evict(self, ep: _Episode, drop_fn) -> None:
@@ -149,7 +162,7 @@ class HFEngine:
         finish = [None] * B
         fed_count = [0] * B
         next_pos = [p[-1] + 1 for p in new_pos]
-        feed_last = self.mode == "retain"  # retain keeps the last token's KV: it must be computed in context
+        feed_last = self.plan.feed_last_token  # a kept turn needs its last token's KV, computed in context
         for _ in range(self.max_new_tokens):
             tok, lp = self._sample(logits)
             running = [b for b in range(B) if finish[b] is None]
@@ -239,4 +252,7 @@ class HFEngine:
             ep.values = [layer.values[b][:, sel].cpu() for layer in cache.layers]
             if ep.keys[0].shape[1] != ep.tags.numel():
                 raise RuntimeError(f"engine bookkeeping: {ep.keys[0].shape[1]} live slots, {ep.tags.numel()} tags")
-            ep.peak_kv = max(ep.peak_kv, ep.tags.numel())
+            ep.stats.peak_kv_tokens = max(ep.stats.peak_kv_tokens, ep.tags.numel())
+
+
+register("hf", HFEngine)

@@ -1,0 +1,110 @@
+"""Rollout throughput: the vLLM engine against the HF engine, same episodes, same batch, `recompute`.
+
+64 episodes (16 questions x 4 samples, as one RL step of the default) driven for 4 turns of up to 24 sampled tokens;
+between turns each episode gets an observation of 20 tokens. Random-weight models do not emit the stop tags, so
+the turns are driven here rather than by the agent loop: every variant generates the same number of tokens.
+Two models: the CPU default's tiny Llama (0.44M parameters, its word-level vocabulary, prompts from the synthetic
+task) and a larger Qwen2 (hidden 512, 8 layers, 8 heads / 4 KV heads, vocabulary 32,000). fp32, CPU. Each variant
+runs in its own process (vLLM takes over torch's threads in its process), OMP_NUM_THREADS=2. Reported: generated
+tokens/s, turns/s (episode-turns), wall time of the whole rollout after one warm-up rollout; vLLM's engine start is
+reported apart (not in the rate).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import record
+
+HERE = Path(__file__).resolve().parent
+EPISODES, TURNS, NEW_TOKENS, OBS = 64, 4, 24, 20
+
+
+def _importable(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def build(config: str):
+    import random
+
+    from mem1_fast.tasks.synthetic import SyntheticTask
+    from mem1_fast.tiny import tiny_model, tiny_model_and_tokenizer, word_tokenizer
+    if config == "default":
+        model, tok = tiny_model_and_tokenizer(seed=0)
+        task, rng = SyntheticTask(seed=0), random.Random(0)
+        eps = [task.sample(rng) for _ in range(EPISODES // 4)]
+        prompts = [tok.encode(e.prompt, add_special_tokens=False) for e in eps for _ in range(4)]
+    else:
+        tok = word_tokenizer([f"w{i}" for i in range(32_000 - 3)])
+        model = tiny_model(len(tok), arch="qwen2", hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        rng = random.Random(0)
+        qs = [[rng.randrange(3, len(tok)) for _ in range(rng.randint(40, 80))] for _ in range(EPISODES // 4)]
+        prompts = [q for q in qs for _ in range(4)]
+    rng = random.Random(1)
+    obs = [[[rng.randrange(3, len(tok)) for _ in range(OBS)] for _ in range(EPISODES)] for _ in range(TURNS - 1)]
+    return model.eval(), tok, prompts, obs
+
+
+def worker(engine: str, config: str) -> dict:
+    import time
+
+    import torch
+
+    from mem1_fast import rollout
+    torch.manual_seed(0)
+    model, tok, prompts, obs = build(config)
+    kw = {"kv_cache_memory_bytes": 1 << 30} if engine == "vllm" else {}
+    t0 = time.perf_counter()
+    eng = rollout.create(engine, model, tok, "recompute", max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0,
+                         stop_strings=(), **kw)
+    start_s = time.perf_counter() - t0
+
+    def run():
+        eng.start(prompts, greedy=False, seed=1)
+        n = sum(len(g.token_ids) for g in eng.step(range(EPISODES)))
+        for turn_obs in obs:
+            n += sum(len(g.token_ids) for g in eng.step(range(EPISODES), turn_obs))
+        return n
+
+    with torch.no_grad():
+        run()  # warm-up
+        t = time.perf_counter()
+        tokens = run()
+        wall = time.perf_counter() - t
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "turns_per_s": EPISODES * TURNS / wall,
+            "engine_start_s": start_s}
+
+
+def _run(engine, config):
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(HERE / "benchmark_rollout.py"), engine, config], capture_output=True,
+                         text=True, timeout=3600, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1][:200])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config", ["default", "qwen2-512x8-v32k"])
+def test_rollout_throughput(benchmark, config):
+    engines = ["hf"] + (["vllm"] if _importable("vllm") else [])
+    group = f"rollout recompute {config}: {EPISODES} episodes x {TURNS} turns x <= {NEW_TOKENS} tokens, fp32 CPU"
+    results = {}
+    for engine in engines:
+        try:
+            results[engine] = r = _run(engine, config)
+        except RuntimeError as e:
+            record(group, engine, float("nan"), note=str(e)[:60])
+            continue
+        record(group, engine, r["wall_s"], baseline=engine == "hf", tokens_per_s=round(r["tokens_per_s"]),
+               turns_per_s=round(r["turns_per_s"], 1), tokens=r["tokens"], engine_start_s=round(r["engine_start_s"], 1))
+    benchmark.extra_info.update(results)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(sys.argv[1], sys.argv[2])))

@@ -1,0 +1,66 @@
+"""What the agent loop needs from a task's episode (a new domain is one file implementing it), and the typed
+per-episode record the loop returns in `Trajectory.info`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str | None  # "search" or "answer"; None = malformed, see error
+    content: str  # stripped text inside the action tag
+    error: str | None = None
+    think: str = ""  # stripped text inside <think>...</think>, '' when absent
+
+
+@dataclass
+class Score:
+    em: float  # sum over objectives, 0..N (MEM1's reward)
+    f1: float  # sum over objectives
+    per_objective_em: list[float]
+    n_pred: int  # answers given; extra ones are ignored, missing ones score 0
+    per_objective_f1: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.per_objective_em)
+
+
+class Episode(Protocol):
+    prompt: str  # the text the policy sees first (chat template already applied)
+    targets: Sequence  # one entry per objective
+    max_turns: int
+
+    def parse_action(self, text: str) -> Action:
+        """One turn's generation (decoded, special tokens kept) -> Action; never raises on model output."""
+
+    def observe(self, query: str, turns_left: int) -> str:
+        """The environment's reply to a search (may raise retrieval.RetrievalError)."""
+
+    def error_observation(self, message: str, turns_left: int) -> str:
+        """The reply when the environment failed (the agent sees it; training goes on)."""
+
+    def score(self, answer: str) -> Score:
+        """Score the content of an answer action."""
+
+
+@dataclass
+class EpisodeStats:
+    """What happened in one episode, as the agent loop saw it."""
+
+    n_objectives: int
+    turns: int = 0
+    searches: int = 0
+    answered: bool = False
+    valid: bool = True  # every turn parsed as an action
+    em: float = 0.0  # summed over objectives
+    f1: float = 0.0
+    retrieval_errors: int = 0
+    finish: str = ""  # "answer", or why the episode ended without one
+    peak_kv_tokens: int = 0
+    prefilled_tokens: int = 0
+    reencoded_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)

