@@ -41,17 +41,32 @@ def tokenizer_mismatch(tok, other, probe_texts: Sequence[str]) -> str | None:
     return None
 
 
-def save(path: Path, model, tok, trainer_state: dict, probe_texts: Sequence[str]) -> None:
-    """Write model, tokenizer and `trainer_state` (anything torch.save takes) to `path`, replacing it whole."""
+def reload_mismatch(tok, probe_texts: Sequence[str], directory: Path | None = None, config=None) -> str | None:
+    """Why `AutoTokenizer.from_pretrained` would not give back `tok` from a checkpoint folder (`directory`, where the
+    caller saved model and tokenizer, or a scratch folder with `tok` and the model's `config`: the model type is
+    what makes transformers override the saved tokenizer class), or None."""
+    import tempfile
+
     from transformers import AutoTokenizer
 
+    if directory is None:
+        with tempfile.TemporaryDirectory() as d:
+            tok.save_pretrained(d)
+            if config is not None:
+                config.save_pretrained(d)
+            return reload_mismatch(tok, probe_texts, Path(d))
+    return tokenizer_mismatch(tok, AutoTokenizer.from_pretrained(directory), probe_texts)
+
+
+def save(path: Path, model, tok, trainer_state: dict, probe_texts: Sequence[str]) -> None:
+    """Write model, tokenizer and `trainer_state` (anything torch.save takes) to `path`, replacing it whole."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    why = tokenizer_mismatch(tok, AutoTokenizer.from_pretrained(tmp), probe_texts)
+    why = reload_mismatch(tok, probe_texts, tmp)
     if why:
         raise CheckpointError(f"AutoTokenizer.from_pretrained({str(tmp)!r}) does not give back the saved tokenizer: "
                               f"{why}")
@@ -64,11 +79,15 @@ def save(path: Path, model, tok, trainer_state: dict, probe_texts: Sequence[str]
 
 
 def recover(path: Path) -> None:
-    """Undo a swap that a crash interrupted: `<dir>.old` without `<dir>` is the last complete checkpoint."""
+    """Finish a swap that a crash interrupted: `<dir>.old` without `<dir>` is the last complete checkpoint; beside
+    `<dir>` it is a leftover (the crash came after the new one was in place)."""
     path = Path(path)
     old = path.with_name(path.name + ".old")
-    if old.exists() and not path.exists():
-        old.rename(path)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(path)
 
 
 def has_state(path: Path) -> bool:

@@ -149,13 +149,25 @@ def check_args(args: Args) -> None:
             u = urlparse(args.retriever_url)
             need(u.scheme in ("http", "https") and bool(u.netloc), "--retriever-url",
                  f"{args.retriever_url!r} is not an http(s) URL")
+    need(rollout.serves(args.engine, args.mode), "--engine",
+         f"{args.engine!r} cannot serve --mode {args.mode!r}; engines that can: "
+         f"{', '.join(e for e in rollout.names() if rollout.serves(e, args.mode))}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device: {args.device!r} is not a torch device ({e})") from None
-    need(device.type != "cuda" or torch.cuda.is_available(), "--device", f"{args.device!r}: no CUDA device here")
+    need(device.type in ("cpu", "cuda"), "--device", f"{args.device!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        need(n > 0, "--device", f"{args.device!r}: no CUDA device here")
+        need(device.index is None or device.index < n, "--device", f"{args.device!r}: this machine has {n} CUDA "
+             f"device(s)")
     out = Path(args.output_dir)
     need(not out.exists() or out.is_dir(), "--output-dir", f"{args.output_dir!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir: cannot create {args.output_dir!r} ({e.strerror or e})") from None
 
 
 def load_task(args: Args):
@@ -207,7 +219,10 @@ def load_model_and_tokenizer(args: Args):
         raise UsageError(f"--model: no usable tokenizer in {args.model!r}: {_one_line(e)}") from None
     if tok.eos_token_id is None:
         raise UsageError(f"--model: the tokenizer in {args.model!r} has no eos token")
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=hf.NAME, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=hf.NAME, dtype=torch.float32)
+    except Exception as e:  # missing/corrupt weights, an architecture transformers does not know, ...
+        raise UsageError(f"--model: cannot load a causal LM from {args.model!r}: {_one_line(e)}") from None
     return model, tok
 
 
@@ -274,7 +289,8 @@ def episode_metrics(trajs, prefix: str) -> dict:
 
 
 def main(args: Args):
-    """Train; returns the final (model, tokenizer). Raises UsageError, before any model is built, for bad input."""
+    """Train; returns the final (model, tokenizer). Raises UsageError for bad input: before any model is built for
+    options and files, before any training step for a tokenizer that would not reload as itself."""
     from . import checkpoint as ckpt_io
     from .hf import lm_head_weight
     from .consolidation import pack
@@ -287,12 +303,17 @@ def main(args: Args):
     ckpt_io.recover(ckpt)
     resuming = ckpt_io.has_state(ckpt)
     model, tok = load_model_and_tokenizer(dataclasses.replace(args, model=str(ckpt)) if resuming else args)
+    sample_episodes = episode_sampler(args, task, retriever, tok)
+    probes = probe_texts(sample_episodes, tok)
+    why = ckpt_io.reload_mismatch(tok, probes, config=model.config)  # checkpoints must reload as this: say so now
+    if why:
+        raise UsageError(f"--model: AutoTokenizer would not reload the tokenizer of {args.model or 'the tiny model'!r} "
+                         f"from a checkpoint as itself: {why}")
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_f = open(out / "metrics.jsonl", "a")
+    metrics_f = open(out / "metrics.jsonl", "a")  # check_args created the folder
 
     def log(record: dict):
         metrics_f.write(json.dumps(record) + "\n")
@@ -307,8 +328,6 @@ def main(args: Args):
         torch.set_rng_state(saved["torch_rng"])
         print(f"resuming from {ckpt}: phase {state['phase']}, sft step {state['sft_step']}, rl step {state['rl_step']}")
     model.to(args.device)
-    sample_episodes = episode_sampler(args, task, retriever, tok)
-    probes = probe_texts(sample_episodes, tok)
     rng = random.Random(args.seed)
     if state["py_rng"] is not None:
         rng.setstate(state["py_rng"])

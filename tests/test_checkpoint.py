@@ -131,3 +131,14 @@ def test_an_interrupted_swap_is_recovered(tmp_path):
     (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")  # a crash between the two renames of the swap
     checkpoint.recover(tmp_path / "ckpt")
     assert checkpoint.load_state(tmp_path / "ckpt")["step"] == 1 and not (tmp_path / "ckpt.old").exists()
+
+
+def test_a_leftover_old_checkpoint_beside_the_new_one_is_removed(tmp_path):
+    model, tok = tiny_model_and_tokenizer(seed=1)
+    checkpoint.save(tmp_path / "ckpt", model, tok, {"step": 2}, task_texts(1))
+    (tmp_path / "ckpt.old").mkdir()  # a crash after the new checkpoint was in place, before the old was deleted
+    (tmp_path / "ckpt.old" / "x").write_text("stale")
+    checkpoint.recover(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt.old").exists() and checkpoint.load_state(tmp_path / "ckpt")["step"] == 2
+    checkpoint.save(tmp_path / "ckpt", model, tok, {"step": 3}, task_texts(1))  # and saving works again
+    assert checkpoint.load_state(tmp_path / "ckpt")["step"] == 3

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mem1_fast.rollout import HFEngine
-from mem1_fast.tiny import tiny_qwen2, word_tokenizer
+from mem1_fast.tiny import tiny_model, tiny_qwen2, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)] + ["<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>"]
 
@@ -104,8 +104,9 @@ def test_bad_use_is_named(model_tok):
 
 @pytest.mark.parametrize("mode", ["recompute", "retain"])
 def test_engine_uses_the_current_cache_api(model_tok, mode):
-    """No deprecation or future warning from our calls into transformers under the pinned stack (the whole suite
-    also turns them into errors, pyproject.toml); a deprecated argument would break rollouts on a later release."""
+    """No deprecation or future warning from our calls into transformers under the pinned stack (the suite also
+    turns those attributed to our frames into errors, tests/conftest.py); a deprecated argument would break
+    rollouts on a later release."""
     import warnings
     model, tok = model_tok
     eng = HFEngine(model, tok, mode, max_new_tokens=4, temperature=0.7, seed=1)
@@ -161,10 +162,22 @@ def test_sync_weights_takes_another_copy_of_the_weights(model_tok):
 
 
 def test_every_registered_engine_implements_the_contract():
+    """Each (engine, mode) pair that can run: a two-turn rollout through the contract, with the accounting."""
     from mem1_fast import rollout
-    for name in rollout.names():
-        tok = word_tokenizer(WORDS)
-        eng = rollout.create(name, tiny_qwen2(len(tok)), tok, "retain", max_new_tokens=3)
-        for attr in ("start", "step", "kv_stats", "sync_weights", "sleep", "wake"):
-            assert callable(getattr(eng, attr)), (name, attr)
-        assert isinstance(eng.exact_logprobs, bool) and eng.mode == "retain"
+    from test_exactness import SETUP
+    tok = word_tokenizer(WORDS)
+    for name, mode in rollout.pairs():
+        arch, kw, _ = SETUP.get(name, ("llama", {}, 0))
+        model = tiny_model(len(tok), arch=arch, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        eng = rollout.create(name, model, tok, mode, max_new_tokens=3, **kw)
+        assert isinstance(eng.exact_logprobs, bool) and eng.mode == mode
+        eng.start([[3, 4, 5], [6, 7]], greedy=False, seed=1)
+        gens = eng.step([0, 1])
+        assert all(1 <= len(g.token_ids) == len(g.logprobs) <= 3 and g.finish in ("stop", "eos", "length")
+                   for g in gens)
+        eng.step([1], [[8, 9]])
+        st = eng.kv_stats(1)
+        assert st.prefilled_tokens >= 2 + 2 and st.peak_kv_tokens >= 2
+        eng.sleep()
+        eng.wake()
+        eng.sync_weights(model)

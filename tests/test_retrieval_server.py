@@ -114,6 +114,14 @@ def test_oversize_and_unparsable_bodies(served):
     conn.close()
     got, body = post(served[0] + "/retrieve", None, raw=b"{not json")
     assert got == 422 and "json" in json.dumps(body).lower()
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)  # chunked: no Content-Length to bound
+    conn.putrequest("POST", "/retrieve")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"5\r\n{}{}{\r\n0\r\n\r\n")
+    r = conn.getresponse()
+    assert r.status == 411 and "Content-Length" in json.loads(r.read())["detail"]
+    conn.close()
 
 
 def test_index_is_saved_then_memory_mapped(tmp_path):
@@ -125,9 +133,11 @@ def test_index_is_saved_then_memory_mapped(tmp_path):
     q = ["fish boat", "tree"]
     assert [[(d.id, s) for d, s in h] for h in again.search(q, 5)] == [[(d.id, s) for d, s in h]
                                                                        for h in first.search(q, 5)]
-    write_corpus(corpus, n=60, seed=4)  # corpus changed after the index: rebuilt, not reused
-    time.sleep(0.01)
-    assert len(srv.open_index(corpus).docs) == 60
+    write_corpus(corpus, n=50, seed=4)  # the same number of documents, other contents: rebuilt, not reused
+    rebuilt = srv.open_index(corpus)
+    assert not isinstance(rebuilt.model.scores["data"], np.memmap)
+    assert [[(d.id, s) for d, s in h] for h in rebuilt.search(q, 5)] == \
+        [[(d.id, s) for d, s in h] for h in BM25Retriever(load_corpus(corpus)).search(q, 5)]
 
 
 def free_port():
@@ -162,6 +172,9 @@ def test_cli_serves_on_loopback_and_rejects_a_bad_corpus(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mem1_fast.retrieval.server", "--corpus", str(tmp_path / "bad.jsonl")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--corpus" in r.stderr and "contents" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mem1_fast.retrieval.server", "--corpus", str(corpus), "--port", "70000"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not a port number" in r.stderr and len(r.stderr) < 400
 
 
 def test_a_stopped_server_is_a_retrieval_error(tmp_path):

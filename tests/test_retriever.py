@@ -177,5 +177,8 @@ def test_http_batches_are_split_and_sent_concurrently_in_order(server):
     queries = [f"q{i}" for i in range(7)]
     res = HttpRetriever(server + "/retrieve", max_batch=3, workers=3).search(queries[:3] + [""] + queries[3:], topk=1)
     assert sorted(len(b["queries"]) for _, b in _Handler.bodies) == [1, 3, 3]
+    t = time.perf_counter()  # three 1.5 s requests at once take one request's time, not three
+    HttpRetriever(server + "/slow", max_batch=1, workers=3, timeout=10).search(["a", "b", "c"], topk=1)
+    assert time.perf_counter() - t < 2 * 1.5
     assert [r[0][0].text if r else None for r in res] == [f"q{i} text" for i in range(3)] + [None] + \
         [f"q{i} text" for i in range(3, 7)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mem1_fast import train
+from mem1_fast import rollout, train
 from mem1_fast.tiny import tiny_model
 
 
@@ -110,9 +110,13 @@ def bad_inputs(tmp):
         (["--corpus", str(tmp / "corpus.jsonl")], "--corpus/--retriever-url", "synthetic task"),
         (["--model", str(tmp / "missing")], "--model", "no config.json"),
         (["--model", str(tmp / "no_tok")], "--model", "no usable tokenizer"),
-        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device", ""),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device", "CUDA device"),
+        (["--device", "nonsense"], "--device", "not a torch device"),
+        (["--device", "meta"], "--device", "only cpu and cuda"),
+        (["--output-dir", str(tmp / "a_file" / "below")], "--output-dir", "cannot create"),
         (["--output-dir", str(tmp / "a_file")], "--output-dir", "not a directory"),
-    ]
+    ] + ([(["--engine", "vllm", "--mode", "retain"], "--engine", "cannot serve --mode 'retain'")]
+         if "vllm" in rollout.names() else [])
 
 
 def test_user_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, monkeypatch, capsys):
@@ -142,3 +146,19 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "mem1_fast.train: error: --n-max: 1 is smaller than --n-min 3"
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_tokenizer_that_would_not_reload_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """The bug the tiny Llama fixes, put back: a word-level tokenizer with a qwen2 model, which AutoTokenizer would
+    reload from a checkpoint as a byte-level Qwen2Tokenizer. The run stops before any step, not at its first save."""
+    from mem1_fast import tiny
+    def qwen2_with_word_tokenizer(seed=0, **kw):
+        tok = tiny.word_tokenizer(tiny.default_vocabulary())
+        return tiny.tiny_model(len(tok), arch="qwen2", seed=seed), tok
+    monkeypatch.setattr(tiny, "tiny_model_and_tokenizer", qwen2_with_word_tokenizer)
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--output-dir", str(tmp_path / "out"), "--sft-steps", "1000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("mem1_fast.train: error: --model: AutoTokenizer would not")
+    assert "Qwen2Tokenizer" in err[-1]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -15,8 +15,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (MEM1_FAST_EXTR
 from mem1_fast import rollout  # noqa: E402
 from mem1_fast.rollout import AgentConfig, run_episodes  # noqa: E402
 from mem1_fast.tasks.synthetic import SyntheticTask  # noqa: E402
-from mem1_fast.tiny import tiny_model, tiny_model_and_tokenizer, word_tokenizer  # noqa: E402
-from test_exactness import WORDS, engine_rollouts, max_error  # noqa: E402
+from mem1_fast.tiny import tiny_model_and_tokenizer  # noqa: E402
+from test_exactness import max_error  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 KV = 64 * 2 ** 20  # bytes of KV cache per engine: the tests' episodes need a few thousand tokens
@@ -38,18 +38,8 @@ def episodes(n=8, seed=0):
     return [task.sample(rng) for _ in range(n)]
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_trainer_logprobs_equal_vllm_sampled(temperature):
-    """Multi-turn rollouts (random observations) through vLLM, scored by the trainer's packed forward."""
-    tok = word_tokenizer(WORDS)
-    model = tiny_model(len(tok), init_std=0.05, seed=1, pad_token_id=tok.pad_token_id,
-                       eos_token_id=tok.eos_token_id).eval()
-    trajs = engine_rollouts(model, tok, "recompute", temperature, seed=3, engine="vllm", kv_cache_memory_bytes=KV,
-                            block_size=32)
-    assert max(t.num_turns for t in trajs) >= 3 and sum(t.num_generated() for t in trajs) > 100
-    assert max_error(model, trajs, "recompute", temperature) <= 1e-4
-    assert max_error(model, trajs, "paper", temperature) > 1e-2  # negative controls
-    assert max_error(model, trajs, "retain", temperature) > 1e-2
+# Multi-turn exactness at temperature 1.0 and 0.7, with the other layouts as negative controls, runs for every
+# (engine, mode) pair in tests/test_exactness.py, the vLLM engine's included.
 
 
 def test_agent_loop_rollouts_through_vllm_are_exact(model_tok):
@@ -59,6 +49,13 @@ def test_agent_loop_rollouts_through_vllm_are_exact(model_tok):
     assert eng.exact_logprobs
     trajs = run_episodes(eng, tok, episodes(), AgentConfig())
     assert max_error(model, trajs, "recompute", 1.0) <= 1e-4
+
+
+def test_the_vllm_engine_refuses_retain(model_tok):
+    model, tok = model_tok
+    assert not rollout.serves("vllm", "retain") and rollout.serves("vllm", "recompute")
+    with pytest.raises(ValueError, match="cannot serve consolidation mode 'retain'"):
+        rollout.create("vllm", model, tok, "retain")
 
 
 def test_weight_sync_follows_the_update_tied_head_included(model_tok):

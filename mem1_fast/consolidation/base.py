@@ -58,6 +58,11 @@ class Layout:
 CAUSAL = None  # an interval's end that means "up to and including the token itself"
 
 
+def pad_intervals(a: np.ndarray, K: int) -> np.ndarray:
+    """[L, k] interval bounds widened to [L, K] with (0, 0): empty intervals."""
+    return np.pad(a, ((0, 0), (0, K - a.shape[1])))
+
+
 class LayoutBuilder:
     """Appends segments to a training row; each segment's tokens share a list of intervals (lo, hi), where
     hi = CAUSAL ends the interval at each token itself."""
@@ -81,10 +86,9 @@ class LayoutBuilder:
 
     def build(self) -> Layout:
         K = max(r[6].shape[1] for r in self.rows)
-        pad = lambda a: np.pad(a, ((0, 0), (0, K - a.shape[1])))  # noqa: E731  (0, 0): an empty interval
         cols = list(zip(*self.rows))
-        return Layout(*(np.concatenate(c) for c in cols[:6]), lo=np.concatenate([pad(a) for a in cols[6]]),
-                      hi=np.concatenate([pad(a) for a in cols[7]]))
+        return Layout(*(np.concatenate(c) for c in cols[:6]), lo=np.concatenate([pad_intervals(a, K) for a in cols[6]]),
+                      hi=np.concatenate([pad_intervals(a, K) for a in cols[7]]))
 
 
 class ConsolidationMode:

@@ -9,7 +9,7 @@ import torch
 
 from ..trajectory import Trajectory
 from ..visibility import Visibility, canonical
-from .base import ConsolidationMode, Layout, get
+from .base import ConsolidationMode, Layout, get, pad_intervals
 
 
 @dataclass
@@ -74,9 +74,8 @@ def pack(trajs: Sequence[Trajectory], mode: "str | ConsolidationMode",
 def _pack_group(lays: list[Layout], ids: list[int], mode: str) -> PackedBatch:
     offsets = np.cumsum([0] + [len(l.input_ids) for l in lays])
     K = max(l.lo.shape[1] for l in lays)
-    pad = lambda a: np.pad(a, ((0, 0), (0, K - a.shape[1])))  # noqa: E731
-    lo = np.concatenate([pad(l.lo) + o for l, o in zip(lays, offsets[:-1])])
-    hi = np.concatenate([pad(l.hi) + o for l, o in zip(lays, offsets[:-1])])
+    lo = np.concatenate([pad_intervals(l.lo, K) + o for l, o in zip(lays, offsets[:-1])])
+    hi = np.concatenate([pad_intervals(l.hi, K) + o for l, o in zip(lays, offsets[:-1])])
     lo, hi = canonical(torch.from_numpy(lo), torch.from_numpy(hi))
     t = lambda xs, dt: torch.from_numpy(np.concatenate(xs)).to(dt)  # noqa: E731
     vis = Visibility(lo.to(torch.int32), hi.to(torch.int32), torch.from_numpy(offsets).to(torch.int32))

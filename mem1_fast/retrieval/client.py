@@ -10,6 +10,7 @@ into an observation the agent sees, never a crash.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -59,7 +60,8 @@ class HttpRetriever:
                 err = RetrievalError(f"retriever at {self.url} returned HTTP {e.code}: {detail}")
                 if e.code not in _TRANSIENT_HTTP:
                     raise err from e  # our request is wrong: retrying sends the same
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, DNS, timeout
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, DNS, timeout,
+                # a connection dropped mid-response (IncompleteRead, BadStatusLine)
                 err = RetrievalError(f"retriever at {self.url} unreachable: {getattr(e, 'reason', e)}")
             if attempt == self.retries:
                 raise RetrievalError(f"{err} (after {self.retries + 1} attempts)")

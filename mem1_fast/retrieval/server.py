@@ -2,8 +2,8 @@
 
     python -m mem1_fast.retrieval.server --corpus corpus.jsonl [--host 127.0.0.1] [--port 8000]
 
-The bm25s index is built once and saved beside the corpus (`<corpus>.bm25s/`), then memory-mapped on later starts
-while it is newer than the corpus. Requests are bounded (queries per request, topk, body bytes) and malformed ones
+The bm25s index is built once and saved beside the corpus (`<corpus>.bm25s/`, with the corpus' size and
+modification time), then memory-mapped on later starts while the corpus still has that size and time. Requests are bounded (queries per request, topk, body bytes) and malformed ones
 get a 4xx naming the problem. Loopback by default: the server has no authentication.
 
     POST /retrieve {"queries": ["..."], "topk": 3, "return_scores": true}
@@ -12,6 +12,7 @@ get a 4xx naming the problem. Loopback by default: the server has no authenticat
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,21 +46,27 @@ class RetrieveRequest(BaseModel):
         return qs
 
 
+def _corpus_stamp(corpus: Path) -> dict:
+    st = corpus.stat()
+    return {"corpus_bytes": st.st_size, "corpus_mtime_ns": st.st_mtime_ns}
+
+
 def open_index(corpus: Path, rebuild: bool = False) -> BM25Retriever:
-    """The corpus' BM25 index: loaded (memory-mapped) from `<corpus>.bm25s/` when that is newer than the corpus,
-    else built and saved there."""
+    """The corpus' BM25 index: loaded (memory-mapped) from `<corpus>.bm25s/` when it was built from the corpus as it
+    is now (same size and modification time), else built and saved there."""
     docs = load_corpus(corpus)
     if not docs:
         raise ValueError(f"{corpus}: no documents")
     index_dir = corpus.with_name(corpus.name + ".bm25s")
-    stamp = index_dir / "params.index.json"
-    if not rebuild and stamp.is_file() and stamp.stat().st_mtime >= corpus.stat().st_mtime:
+    stamp = index_dir / "corpus_stamp.json"
+    if not rebuild and stamp.is_file() and json.loads(stamp.read_text()) == _corpus_stamp(corpus):
         try:
             return BM25Retriever.load(index_dir, docs, mmap=True)
         except (ValueError, OSError) as e:
             print(f"retrieval server: rebuilding the index ({e})", file=sys.stderr)
     retriever = BM25Retriever(docs)
     retriever.save(index_dir)
+    stamp.write_text(json.dumps(_corpus_stamp(corpus)))
     return retriever
 
 
@@ -69,6 +76,8 @@ def create_app(retriever) -> FastAPI:
     @app.middleware("http")
     async def bound_body(request: Request, call_next):
         size = request.headers.get("content-length")
+        if request.method == "POST" and size is None:  # a chunked body would get past the bound below
+            return JSONResponse({"detail": "a Content-Length header is required"}, status_code=411)
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
             return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
         return await call_next(request)
@@ -88,11 +97,17 @@ def create_app(retriever) -> FastAPI:
     return app
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mem1_fast.retrieval.server", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, help="MEM1 JSONL corpus ({'id', 'contents'} per line)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; there is no auth)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--rebuild-index", action="store_true", help="rebuild <corpus>.bm25s/ even if it is current")
     args = p.parse_args(argv)
     corpus = Path(args.corpus)
@@ -100,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         p.exit(2, f"{p.prog}: error: --corpus: {args.corpus!r} is not a file\n")
     try:
         retriever = open_index(corpus, args.rebuild_index)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, OSError) as e:  # unreadable corpus, read-only folder for the index
         p.exit(2, f"{p.prog}: error: --corpus: {' '.join(str(e).split())}\n")
     import uvicorn
     print(f"retrieval server: {len(retriever.docs)} documents, http://{args.host}:{args.port}/retrieve", flush=True)

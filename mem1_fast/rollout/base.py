@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from ..consolidation import MODES, get
+
 
 @dataclass
 class Generation:
@@ -53,21 +55,57 @@ class Engine(Protocol):
         """Undo `sleep`."""
 
 
-_ENGINES: dict[str, Callable[..., Engine]] = {}
+def check_sampling(greedy: bool, temperature: float) -> None:
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
 
 
-def register(name: str, factory: Callable[..., Engine]) -> None:
-    """factory(model, tokenizer, mode, *, max_new_tokens, temperature, greedy, seed) -> Engine"""
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"episode {i}: empty prompt")
+
+
+def split_stops(tokenizer, stop_strings: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Stops that are one token (matched on ids) and stops that span several (matched on the decoded text)."""
+    ids, strings = [], []
+    for s in stop_strings:
+        enc = tokenizer.encode(s, add_special_tokens=False)
+        (ids.append(enc[0]) if len(enc) == 1 else strings.append(s))
+    return ids, strings
+
+
+_ENGINES: dict[str, tuple[Callable[..., Engine], Callable]] = {}
+
+
+def register(name: str, factory: Callable[..., Engine], serves: Callable) -> None:
+    """factory(model, tokenizer, mode, *, max_new_tokens, temperature, greedy, seed) -> Engine;
+    serves(kv_plan) -> whether the engine can follow that KV plan."""
     if name in _ENGINES:
         raise ValueError(f"engine {name!r} is registered already")
-    _ENGINES[name] = factory
+    _ENGINES[name] = (factory, serves)
+
+
+def serves(name: str, mode: str) -> bool:
+    """Whether engine `name` can roll out consolidation mode `mode` (read from the mode's KV plan)."""
+    plan = get(mode).kv_plan
+    return plan is not None and _ENGINES[name][1](plan)
 
 
 def create(name: str, model, tokenizer, mode: str, **kw) -> Engine:
     if name not in _ENGINES:
         raise ValueError(f"unknown engine {name!r}; expected one of {tuple(_ENGINES)}")
-    return _ENGINES[name](model, tokenizer, mode, **kw)
+    if not serves(name, mode):
+        able = [e for e in _ENGINES if serves(e, mode)]
+        raise ValueError(f"engine {name!r} cannot serve consolidation mode {mode!r}; "
+                         f"{'engines that can: ' + ', '.join(able) if able else 'it matches no rollout'}")
+    return _ENGINES[name][0](model, tokenizer, mode, **kw)
 
 
 def names() -> tuple[str, ...]:
     return tuple(_ENGINES)
+
+
+def pairs() -> list[tuple[str, str]]:
+    """Every (engine, mode) that can run here."""
+    return [(e, m) for e in _ENGINES for m in MODES if serves(e, m)]

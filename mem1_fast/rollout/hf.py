@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from ..consolidation import EXACT_MODES, get
-from .base import Generation, KVStats, register
+from .base import Generation, KVStats, check_prompts, check_sampling, register, split_stops
 
 QUESTION = -1  # KV tag of the question's slots: never evicted
 
@@ -56,18 +56,11 @@ class HFEngine:
         self.plan = get(mode).kv_plan  # what is kept, re-encoded and fed: the mode's, not this engine's
         if self.plan is None:
             raise ValueError(f"the engine serves the exact modes {EXACT_MODES}; {mode!r} matches no rollout")
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        check_sampling(greedy, temperature)
         self.model, self.tok, self.mode = model, tokenizer, mode
         self.max_new_tokens, self.temperature, self.greedy = max_new_tokens, temperature, greedy
-        self.stop_ids = set()
-        self.stop_strings = []
-        for s in stop_strings:
-            ids = tokenizer.encode(s, add_special_tokens=False)
-            if len(ids) == 1:
-                self.stop_ids.add(ids[0])
-            else:
-                self.stop_strings.append(s)
+        stop_ids, self.stop_strings = split_stops(tokenizer, stop_strings)
+        self.stop_ids = set(stop_ids)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.gen = torch.Generator().manual_seed(seed)
@@ -76,9 +69,7 @@ class HFEngine:
     # --- public API ---------------------------------------------------------------------------------------------
     def start(self, prompts: Sequence[Sequence[int]], greedy: bool | None = None, seed: int | None = None) -> None:
         """Begin a batch of episodes, one per prompt; `greedy` / `seed` override the engine's for this batch."""
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"episode {i}: empty prompt")
+        check_prompts(prompts)
         if greedy is not None:
             self.greedy = greedy
         if seed is not None:
@@ -255,4 +246,4 @@ class HFEngine:
             ep.stats.peak_kv_tokens = max(ep.stats.peak_kv_tokens, ep.tags.numel())
 
 
-register("hf", HFEngine)
+register("hf", HFEngine, serves=lambda plan: True)  # its cache follows any KV plan

@@ -15,7 +15,7 @@ dict (the tied `lm_head.weight` included: vLLM keeps its own packed copy of the 
 `reset_prefix_cache` (cached q blocks were computed by the old weights). On GPU the engine sleeps (level 1)
 while the trainer updates; vLLM-CPU has no sleep mode.
 
-In-process only (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here before vLLM is imported): tensors cannot be sent to
+In-process only (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by the engine before vLLM is imported): tensors cannot be sent to
 a worker process. vLLM then makes `torch.set_num_threads` a no-op in this process: set OMP_NUM_THREADS before
 Python starts.
 """
@@ -29,14 +29,17 @@ from typing import Sequence
 import torch
 
 from ..consolidation import get
-from .base import Generation, KVStats, register
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from .base import Generation, KVStats, check_prompts, check_sampling, register, split_stops
 
 
 def available() -> bool:
     import importlib.util
     return importlib.util.find_spec("vllm") is not None
+
+
+def serves(plan) -> bool:
+    """A turn must be a fresh request [q | last turn]: no turn's KV kept, positions from |q| (recompute)."""
+    return plan.kept_turns == 0 and plan.reencode_last_turn and plan.restart_positions
 
 
 class VLLMEngine:
@@ -45,12 +48,12 @@ class VLLMEngine:
                  dtype: str | None = None, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, tensor_parallel_size: int = 1, block_size: int | None = None,
                  kv_cache_memory_bytes: int | None = None):
-        plan = get(mode).kv_plan
-        if plan is None or plan.kept_turns != 0 or not plan.reencode_last_turn or not plan.restart_positions:
+        self.plan = get(mode).kv_plan
+        if self.plan is None or not serves(self.plan):
             raise ValueError(f"the vLLM engine serves modes whose next turn is a fresh request [q | last turn] "
-                             f"(recompute); {mode!r} keeps KV across turns: use --engine paged")
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+                             f"(recompute); {mode!r} keeps KV across turns: use --engine hf")
+        check_sampling(greedy, temperature)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vLLM is imported: in-process
         from vllm import LLM
 
         self.mode, self.tok = mode, tokenizer
@@ -60,10 +63,7 @@ class VLLMEngine:
         # fp32 vLLM computes the trainer's function up to fp32 rounding (measured ~1e-5): its log-probs serve as
         # old-policy log-probs; a bf16 engine against an fp32/bf16 trainer does not
         self.exact_logprobs = dtype == "float32" and next(model.parameters()).dtype == torch.float32
-        self.stop_ids, self.stop_strings = [], []
-        for s in stop_strings:
-            ids = tokenizer.encode(s, add_special_tokens=False)
-            (self.stop_ids.append(ids[0]) if len(ids) == 1 else self.stop_strings.append(s))
+        self.stop_ids, self.stop_strings = split_stops(tokenizer, stop_strings)
         self._dir = tempfile.mkdtemp(prefix="mem1_fast_vllm_")
         model.save_pretrained(self._dir)
         tokenizer.save_pretrained(self._dir)
@@ -84,9 +84,9 @@ class VLLMEngine:
 
     # --- the engine contract -------------------------------------------------------------------------------------
     def start(self, prompts: Sequence[Sequence[int]], greedy: bool | None = None, seed: int | None = None) -> None:
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"episode {i}: empty prompt")
+        """As the contract says, except that on CPU `seed` cannot seed each request (see __init__): sampling there
+        follows the engine's generator, deterministic within a run."""
+        check_prompts(prompts)
         if greedy is not None:
             self.greedy = greedy
         if seed is not None:
@@ -126,7 +126,8 @@ class VLLMEngine:
             st = ep["stats"]
             st.prefilled_tokens += n_prompt - cached
             st.reencoded_tokens += max(n_prompt - cached - new, 0)
-            st.peak_kv_tokens = max(st.peak_kv_tokens, n_prompt + len(ids))
+            # the request held the KV of its prompt and of every sampled token but the last, which is never fed
+            st.peak_kv_tokens = max(st.peak_kv_tokens, n_prompt + len(ids) - (0 if self.plan.feed_last_token else 1))
             ep["last"], ep["turn"] = ids, ep["turn"] + 1
             finish = "length" if c.finish_reason == "length" else (
                 "eos" if ids and ids[-1] == self.tok.eos_token_id and c.stop_reason is None else "stop")
@@ -156,4 +157,4 @@ class VLLMEngine:
 
 
 if available():
-    register("vllm", VLLMEngine)
+    register("vllm", VLLMEngine, serves=serves)

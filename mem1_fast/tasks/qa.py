@@ -233,6 +233,8 @@ def examples_from_rows(rows, where: str = "rows") -> list[QAExample]:
         if not isinstance(prompt, str):
             if not isinstance(prompt, list) or not all(isinstance(m, dict) and "content" in m for m in prompt):
                 raise ValueError(f"{w}: prompt must be a string or a list of {{role, content}} messages")
+            if not any(m.get("role") == "user" for m in prompt):
+                raise ValueError(f"{w}: prompt has no message with role 'user'")
             prompt = [dict(m) for m in prompt]
         extra = row.get("extra_info") or {}
         extra = {k: _tolist(v) for k, v in dict(extra).items()}
