@@ -102,3 +102,39 @@ def test_train_cli_runs_with_the_vllm_engine(tmp_path):
     import json
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in recs if r["phase"] == "rl"] == [1, 2]
+
+
+def test_multi_token_stop_strings_with_a_bpe_tokenizer():
+    """A stop that spans several BPE tokens ends the turn once the text holds it, and the ids are the sampled ones
+    (a prefix of the same greedy run without the stop), not a re-tokenization of the text. vLLM's incremental
+    detokenizer may see the stop one token after the one completing it; that token stays too, as sampled."""
+    from mem1_fast.tasks.synthetic import SyntheticTask, expert_trajectory
+    from mem1_fast.tiny import bpe_tokenizer, tiny_model
+    task, rng, texts = SyntheticTask(seed=2), random.Random(2), []
+    for _ in range(30):
+        ep = task.sample(rng)
+        texts += [ep.prompt] + [f"{g} {o}" for g, o in expert_trajectory(ep)]
+    tok = bpe_tokenizer(texts, vocab_size=600)
+    model = tiny_model(len(tok), arch="qwen2", init_std=0.2, seed=5, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id).eval()
+    prompt = tok.encode(texts[0], add_special_tokens=False)
+    free = rollout.create("vllm", model, tok, "recompute", max_new_tokens=16, greedy=True, stop_strings=(),
+                          kv_cache_memory_bytes=KV, block_size=32)
+    free.start([prompt])
+    ids = free.step([0])[0].token_ids
+    # a stop string spelled by two consecutive tokens of the free run, that no single token spells and that does
+    # not occur earlier
+    for i in range(1, len(ids) - 1):
+        stop = tok.decode(ids[i:i + 2])
+        if len(tok.encode(stop, add_special_tokens=False)) > 1 and stop not in tok.decode(ids[:i + 1]):
+            break
+    else:
+        pytest.fail(f"no two-token stop string in the free run {ids}")
+    eng = rollout.create("vllm", model, tok, "recompute", max_new_tokens=16, greedy=True, stop_strings=(stop,),
+                         kv_cache_memory_bytes=KV, block_size=32)
+    assert eng.stop_strings == [stop] and eng.stop_ids == []
+    eng.start([prompt])
+    g = eng.step([0])[0]
+    n = len(g.token_ids)
+    assert g.finish == "stop" and g.token_ids == ids[:n] and i + 2 <= n <= i + 3
+    assert stop in tok.decode(g.token_ids) and stop not in tok.decode(g.token_ids[:i + 1])
