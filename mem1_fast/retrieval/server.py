@@ -3,7 +3,9 @@
     python -m mem1_fast.retrieval.server --corpus corpus.jsonl [--host 127.0.0.1] [--port 8000]
 
 The bm25s index is built once and saved beside the corpus (`<corpus>.bm25s/`, with the corpus' size and
-modification time), then memory-mapped on later starts while the corpus still has that size and time. Requests are bounded (queries per request, topk, body bytes) and malformed ones
+modification time), then memory-mapped on later starts while the corpus still has that size and time. With
+`--encoder DIR` retrieval is dense instead (dense.py: a local sentence-transformers encoder, faiss, exact cosine;
+the index in `<corpus>.dense/`, stamped with the encoder's files too). Requests are bounded (queries per request, topk, body bytes) and malformed ones
 get a 4xx naming the problem. Loopback by default: the server has no authentication.
 
     POST /retrieve {"queries": ["..."], "topk": 3, "return_scores": true}
@@ -51,22 +53,31 @@ def _corpus_stamp(corpus: Path) -> dict:
     return {"corpus_bytes": st.st_size, "corpus_mtime_ns": st.st_mtime_ns}
 
 
-def open_index(corpus: Path, rebuild: bool = False) -> BM25Retriever:
-    """The corpus' BM25 index: loaded (memory-mapped) from `<corpus>.bm25s/` when it was built from the corpus as it
-    is now (same size and modification time), else built and saved there."""
+def open_index(corpus: Path, rebuild: bool = False, encoder_dir: str | Path | None = None):
+    """The corpus' index: BM25 (`<corpus>.bm25s/`), or dense with the encoder in `encoder_dir` (`<corpus>.dense/`).
+    Loaded (memory-mapped) when it was built from the corpus (and encoder) as they are now, by size and modification
+    time; else built and saved there."""
     docs = load_corpus(corpus)
     if not docs:
         raise ValueError(f"{corpus}: no documents")
-    index_dir = corpus.with_name(corpus.name + ".bm25s")
+    current = _corpus_stamp(corpus)
+    if encoder_dir is None:
+        kind, build, load = "bm25s", lambda: BM25Retriever(docs), lambda d: BM25Retriever.load(d, docs, mmap=True)
+    else:
+        from .dense import DenseRetriever, encoder_stamp, load_encoder
+        encoder = load_encoder(encoder_dir)
+        kind, build, load = "dense", lambda: DenseRetriever(docs, encoder), lambda d: DenseRetriever.load(d, docs, encoder)
+        current["encoder"] = encoder_stamp(encoder_dir)
+    index_dir = corpus.with_name(f"{corpus.name}.{kind}")
     stamp = index_dir / "corpus_stamp.json"
-    if not rebuild and stamp.is_file() and json.loads(stamp.read_text()) == _corpus_stamp(corpus):
+    if not rebuild and stamp.is_file() and json.loads(stamp.read_text()) == current:
         try:
-            return BM25Retriever.load(index_dir, docs, mmap=True)
-        except (ValueError, OSError) as e:
+            return load(index_dir)
+        except (ValueError, OSError, RuntimeError) as e:  # faiss reports a bad file as RuntimeError
             print(f"retrieval server: rebuilding the index ({e})", file=sys.stderr)
-    retriever = BM25Retriever(docs)
+    retriever = build()
     retriever.save(index_dir)
-    stamp.write_text(json.dumps(_corpus_stamp(corpus)))
+    stamp.write_text(json.dumps(current))
     return retriever
 
 
@@ -108,15 +119,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpus", required=True, help="MEM1 JSONL corpus ({'id', 'contents'} per line)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; there is no auth)")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--rebuild-index", action="store_true", help="rebuild <corpus>.bm25s/ even if it is current")
+    p.add_argument("--encoder", default=None, metavar="DIR",
+                   help="dense retrieval with the sentence-transformers encoder saved in DIR (faiss, exact cosine; "
+                        "needs mem1_fast[dense]); BM25 when absent")
+    p.add_argument("--rebuild-index", action="store_true",
+                   help="rebuild <corpus>.bm25s/ (or .dense/) even if it is current")
     args = p.parse_args(argv)
     corpus = Path(args.corpus)
     if not corpus.is_file():
         p.exit(2, f"{p.prog}: error: --corpus: {args.corpus!r} is not a file\n")
     try:
-        retriever = open_index(corpus, args.rebuild_index)
-    except (ValueError, UnicodeDecodeError, OSError) as e:  # unreadable corpus, read-only folder for the index
-        p.exit(2, f"{p.prog}: error: --corpus: {' '.join(str(e).split())}\n")
+        retriever = open_index(corpus, args.rebuild_index, args.encoder)
+    except ImportError as e:  # --encoder without the dense extra
+        p.exit(2, f"{p.prog}: error: --encoder: {' '.join(str(e).split())}\n")
+    except (ValueError, UnicodeDecodeError, OSError) as e:  # unreadable corpus or encoder, read-only index folder
+        where = "--encoder" if args.encoder and "encoder" in str(e) else "--corpus"
+        p.exit(2, f"{p.prog}: error: {where}: {' '.join(str(e).split())}\n")
     import uvicorn
     print(f"retrieval server: {len(retriever.docs)} documents, http://{args.host}:{args.port}/retrieve", flush=True)
     uvicorn.run(create_app(retriever), host=args.host, port=args.port, log_level="warning")
