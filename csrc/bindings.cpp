@@ -50,8 +50,8 @@ TORCH_LIBRARY(mem1_fast, m) {
   // gradients of loss computed in the same single pass over the vocabulary (None when not needed).
   m.def("ppo_loss_fused(Tensor hidden, Tensor weight, Tensor targets, Tensor old_logp, Tensor advantages, "
         "Tensor? ref_logp, float temperature, float clip_eps, float entropy_coef, float kl_coef, float normalizer, "
-        "bool need_hidden=True, bool need_weight=True, int tile_rows=0, int tile_cols=0, int isa=-1) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool need_hidden=True, bool need_weight=True, int tile_rows=0, int tile_cols=0, int isa=-1, "
+        "Tensor? token_weights=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Which row-kernel body `isa` resolves to for probe's dtype: "avx512", "avx2" or "generic".
   m.def("logprob_entropy_cpu_isa(Tensor probe, int isa=-1) -> str");
 }

@@ -96,3 +96,21 @@ def has_state(path: Path) -> bool:
 
 def load_state(path: Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, weights_only=False)
+
+
+def reference_model(path: Path, policy):
+    """The frozen reference policy kept at `path`: saved there from `policy` the first time (to `<path>.tmp`, then
+    renamed, so a crash never leaves half a reference that a resumed run would load), loaded from it afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    from .hf import NAME
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        policy.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=NAME, dtype=torch.float32)

@@ -1,17 +1,20 @@
-"""Single-file PPO trainer for MEM1 agents (GRPO-style group advantages), read top to bottom.
+"""Single-file PPO trainer for MEM1 agents, read top to bottom.
 
     python -m mem1_fast.train                 # CPU default: tiny Llama, synthetic multi-hop QA, in-process BM25
+    python -m mem1_fast.train --advantage gae # PPO with a critic and GAE, as MEM1 trains
     python -m mem1_fast.train --help          # every option
 
 Each step: sample task episodes (each repeated `group_size` times), roll them out with the engine (KV cache
-consolidated per `mode`), score them, turn rewards into group-normalized advantages, pack the trajectories in the
-mode's exact layout, and take PPO updates on the generated tokens only, with log-probs and entropy computed from
-the hidden states of those tokens (`ops.logprob_entropy`) under the interval visibility (`ops.state_attention`).
-In an exact mode the log-prob each token was sampled with *is* the old-policy log-prob (the exactness invariant),
-so no extra forward pass is spent on it unless `--recompute-old-logprobs`.
+consolidated per `mode`), score them, pack the trajectories in the mode's exact layout, turn rewards into
+per-token advantages (`--advantage`: GAE with a critic, GRPO or RLOO; mem1_fast/advantages.py), and take PPO
+updates on the generated tokens only, with log-probs and entropy computed from the hidden states of those tokens
+(`ops.ppo_loss`) under the interval visibility (`ops.state_attention`). In an exact mode the log-prob each token
+was sampled with *is* the old-policy log-prob (the exactness invariant), so no extra forward pass is spent on it;
+an engine whose numerics differ gets its old log-probs recomputed and truncated importance weights.
 
-Writes `<output_dir>/metrics.jsonl`, an HF-format checkpoint in `<output_dir>/checkpoint/` (model, tokenizer,
-trainer_state.pt), and resumes from it when present.
+Writes `<output_dir>/metrics.jsonl` (keys grouped as rollout/, loss/, value/, mismatch/, time/), an HF-format
+checkpoint in `<output_dir>/checkpoint/` (model, tokenizer, trainer_state.pt with optimizer, critic and RNG
+states), and resumes from it when present: a resumed run logs what the uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from . import rollout
+from . import advantages, rollout
 from .consolidation import EXACT_MODES
 
 
@@ -66,23 +69,53 @@ class Args:
     episodes_per_step: int = 16
     """distinct task episodes per step"""
     group_size: int = 4
-    """rollouts per episode; advantages are normalized within each group"""
+    """rollouts per episode (grpo / rloo compare the rollouts of a group)"""
     max_new_tokens: int = 24
     """tokens generated per turn at most"""
     temperature: float = 1.0
     """sampling temperature (the trainer scores tokens at the same temperature)"""
     lr: float = 1e-4
     """learning rate of the RL phase (AdamW)"""
+    advantage: Literal[advantages.names()] = "grpo"
+    """advantage estimator: 'gae' (PPO with a critic, MEM1's), 'grpo' (reward normalized in its group), 'rloo'
+    (reward minus the mean of the group's other rollouts)"""
+    gamma: float = 1.0
+    """gae: discount per generated token"""
+    lam: float = 1.0
+    """gae: lambda of the advantage estimate"""
+    critic: Literal["separate", "shared"] = "separate"
+    """gae: the value model: a copy of the policy's decoder with a value head, or a head on the policy's states"""
+    critic_lr: float = 1e-4
+    """gae: learning rate of the critic (AdamW)"""
+    vf_coef: float = 0.5
+    """gae: weight of the value loss (shared critic: next to the policy loss)"""
+    vf_clip: float = 0.2
+    """gae: clip range of the values around the values at rollout time (0 = no clipping)"""
+    whiten_advantages: Literal["auto", "yes", "no"] = "auto"
+    """normalize the advantages over the step's trained tokens ('auto': for gae only)"""
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """how token losses are averaged: over all tokens of the step, or per trajectory (summed or averaged)"""
     clip_eps: float = 0.2
     """PPO ratio clip"""
     entropy_coef: float = 0.0
     """entropy bonus weight"""
     kl_coef: float = 0.0
-    """weight of the k3 KL estimate to a frozen reference policy (0 = no reference model is kept)"""
+    """weight of the KL to a frozen reference policy (0 = no reference model is kept)"""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """where the KL goes: a loss term (k3), or a per-token penalty in the reward"""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    """KL estimator (k1 = logp - ref, k3 = exp(ref - logp) - (ref - logp) - 1); the loss term is k3"""
+    tis: Literal["token", "sequence", "off"] = "token"
+    """when old log-probs are recomputed: truncated importance weights pi_trainer / pi_engine on the policy
+    gradient, per token or per trajectory"""
+    tis_cap: float = 2.0
+    """truncation of the importance weights"""
     ppo_epochs: int = 1
     """passes over each step's rollouts"""
     max_tokens_per_batch: int = 8192
     """token budget of one packed forward (trajectories are never split)"""
+    share_question: bool = False
+    """pack the samples of a group with one copy of their question (same loss and gradients, fewer tokens)"""
     recompute_old_logprobs: bool = False
     """score rollouts with a forward pass instead of the sampled log-probs; on by itself when the engine says
     its log-probs are not the trainer's (e.g. bf16 vLLM vs fp32 training)"""
@@ -125,15 +158,24 @@ def check_args(args: Args) -> None:
                  topk=1, max_turns=1, obs_max_tokens=1)
     for name, lo in least.items():
         need(getattr(args, name) >= lo, "--" + name.replace("_", "-"), f"{getattr(args, name)} must be >= {lo}")
-    need(args.group_size >= 2, "--group-size", f"{args.group_size}: advantages are normalized within a group, "
-         "so a group of one gives every rollout advantage 0; use 2 or more")
+    need(args.group_size >= 2 or args.advantage in advantages.CRITIC, "--group-size",
+         f"{args.group_size}: {args.advantage} compares the rollouts of a group, so a group of one gives every "
+         "rollout advantage 0; use 2 or more (or --advantage gae)")
     need(math.isfinite(args.temperature) and args.temperature > 0, "--temperature",
          f"{args.temperature}: RL samples its rollouts, so the temperature must be a finite number > 0 "
          "(evaluation is greedy whatever this is)")
-    for option, value in (("--lr", args.lr), ("--sft-lr", args.sft_lr), ("--clip-eps", args.clip_eps)):
+    for option, value in (("--lr", args.lr), ("--sft-lr", args.sft_lr), ("--clip-eps", args.clip_eps),
+                          ("--critic-lr", args.critic_lr)):
         need(math.isfinite(value) and value > 0, option, f"{value} must be a finite number > 0")
-    for option, value in (("--entropy-coef", args.entropy_coef), ("--kl-coef", args.kl_coef)):
+    for option, value in (("--entropy-coef", args.entropy_coef), ("--kl-coef", args.kl_coef),
+                          ("--vf-coef", args.vf_coef), ("--vf-clip", args.vf_clip)):
         need(math.isfinite(value) and value >= 0, option, f"{value} must be a finite number >= 0")
+    for option, value in (("--gamma", args.gamma), ("--lam", args.lam)):
+        need(math.isfinite(value) and 0 <= value <= 1, option, f"{value} must lie in [0, 1]")
+    need(math.isfinite(args.tis_cap) and args.tis_cap >= 1, "--tis-cap", f"{args.tis_cap} must be a number >= 1")
+    need(not (args.kl_in == "loss" and args.kl_estimator == "k1"), "--kl-estimator",
+         "k1 as a loss term has zero expected gradient (E[grad log p] = 0); the loss term is k3, "
+         "k1 goes in the reward (--kl-in reward)")
     if args.task == "synthetic":
         need(args.n_min >= 1, "--n-min", f"{args.n_min}: an episode needs at least 1 objective")
         need(args.n_max >= args.n_min, "--n-max", f"{args.n_max} is smaller than --n-min {args.n_min}")
@@ -252,23 +294,6 @@ def probe_texts(sample_episodes, tok) -> list[str]:
 
 
 # --- the pieces every phase shares ----------------------------------------------------------------------------
-def loss_rows(model, batch):
-    """Hidden states of the rows that predict the trained tokens (each token is predicted by the row before it),
-    and those tokens. Prompt and observation tokens never reach the LM head."""
-    from .hf import packed_hidden_states
-    hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids, batch.visibility)
-    pos = batch.loss_positions()
-    return hidden[pos - 1], batch.input_ids[pos]
-
-
-def score_batch(model, batch, temperature: float):
-    """log-prob and entropy of every trained token of a packed batch."""
-    from .hf import lm_head_weight
-    from .ops import logprob_entropy
-    rows, targets = loss_rows(model, batch)
-    return logprob_entropy(rows, lm_head_weight(model), targets, temperature)
-
-
 def episode_metrics(trajs, prefix: str) -> dict:
     n = len(trajs)
     objectives = sum(t.info.n_objectives for t in trajs)
@@ -292,9 +317,12 @@ def main(args: Args):
     """Train; returns the final (model, tokenizer). Raises UsageError for bad input: before any model is built for
     options and files, before any training step for a tokenizer that would not reload as itself."""
     from . import checkpoint as ckpt_io
-    from .hf import lm_head_weight
+    from .advantages import gather_per_trajectory, mismatch_stats
     from .consolidation import pack
+    from .critic import Critic, ValueHead, value_loss
+    from .hf import lm_head_weight
     from .ops import ppo_loss
+    from .scoring import loss_rows, score_batch
 
     check_args(args)
     task, retriever = load_task(args)
@@ -334,10 +362,10 @@ def main(args: Args):
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}, "
           f"mode {args.mode}, output {out}")
 
-    def checkpoint(optimizer):
+    def checkpoint(optimizer, extra: dict | None = None):
         state["py_rng"] = rng.getstate()
         ckpt_io.save(ckpt, model, tok, {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                                        **state}, probes)
+                                        **state, **(extra or {})}, probes)
 
     # ---- phase 1: supervised warm start on scripted-expert trajectories (synthetic task) ----------------------
     do_sft = args.task == "synthetic" and args.sft_steps > 0 and state["phase"] == "sft"
@@ -374,23 +402,31 @@ def main(args: Args):
         state["phase"] = "rl"
         checkpoint(opt)
 
-    # ---- phase 2: RL (PPO with group-normalized advantages) -------------------------------------------------
+    # ---- phase 2: RL (PPO; advantages from --advantage) -----------------------------------------------------
     state["phase"] = "rl"
     ref_model = None
     if args.kl_coef > 0:  # the reference is the policy RL started from, kept on disk so a resumed run has it too
-        from transformers import AutoModelForCausalLM
-        from .hf import NAME
-        ref_dir = out / "reference"
-        if not (ref_dir / "config.json").exists():
-            model.save_pretrained(ref_dir)
-        ref_model = AutoModelForCausalLM.from_pretrained(ref_dir, attn_implementation=NAME, dtype=torch.float32)
+        ref_model = ckpt_io.reference_model(out / "reference", model)
         ref_model.to(args.device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    if saved is not None and saved["phase"] == "rl" and state["rl_step"] > 0:
+    resumed_rl = saved is not None and saved["phase"] == "rl" and state["rl_step"] > 0
+    if resumed_rl:
         opt.load_state_dict(saved["optimizer"])
+    # the critic (gae): a copy of the policy's decoder with a value head, or a head on the policy's own states
+    critic = critic_opt = None
+    if args.advantage in advantages.CRITIC:
+        critic = ValueHead(model.config.hidden_size) if args.critic == "shared" else Critic.from_policy(model)
+        critic.to(args.device)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.99), weight_decay=0.0)
+        if resumed_rl:
+            critic.load_state_dict(saved["critic"])
+            critic_opt.load_state_dict(saved["critic_optimizer"])
+    extra_state = lambda: {} if critic is None else {"critic": critic.state_dict(),  # noqa: E731
+                                                     "critic_optimizer": critic_opt.state_dict()}
     engine = rollout.create(args.engine, model, tok, args.mode, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature)
     recompute_old = args.recompute_old_logprobs or not engine.exact_logprobs  # the engine knows its numerics
+    whiten = args.whiten_advantages == "yes" or (args.whiten_advantages == "auto" and critic is not None)
     eval_rng_seed = args.seed + 10_000
 
     def sample(episodes, greedy: bool, seed: int | None = None):
@@ -406,10 +442,14 @@ def main(args: Args):
         log(rec)
         return rec
 
+    def values_of(b, rows=None):
+        """The critic's values of batch b's trained tokens (shared: from the policy rows given)."""
+        return critic(rows) if args.critic == "shared" else critic(b)
+
     if state["rl_step"] == 0 and args.eval_every:
         r = evaluate(0)
         print(f"eval before RL: EM/objective {r['eval/em_per_objective']:.3f}, answered {r['eval/answered']:.2f}")
-    bar = tqdm(range(state["rl_step"], args.steps), desc=f"rl ({args.mode})", dynamic_ncols=True)
+    bar = tqdm(range(state["rl_step"], args.steps), desc=f"rl ({args.mode}, {args.advantage})", dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         # 1. rollouts: each episode repeated group_size times
@@ -417,71 +457,126 @@ def main(args: Args):
         episodes = [ep for ep in base for _ in range(args.group_size)]
         trajs = sample(episodes, greedy=False, seed=rng.randrange(2**31))
         t_rollout = time.time() - t0
+        lengths = [t.num_generated() for t in trajs]
 
-        # 2. advantages: reward normalized within each group of rollouts of one episode
-        rewards = torch.tensor([t.reward for t in trajs]).view(-1, args.group_size)
-        adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + 1e-6)
-        adv = adv.view(-1)
-
-        # 3. pack in the mode's exact layout; old log-probs are the sampled ones unless asked otherwise
-        batches = pack(trajs, args.mode, args.max_tokens_per_batch)
-        batches = [b.to(args.device) for b in batches]
-        old = []
+        # 2. pack in the mode's exact layout, then score what the update needs, per trajectory in sampling order:
+        #    old log-probs (the sampled ones in an exact mode, unless the engine's numerics differ), the reference's,
+        #    the critic's values at rollout time
+        batches = [b.to(args.device) for b in pack(trajs, args.mode, args.max_tokens_per_batch,
+                                                   share_question=args.share_question)]
+        per_traj = lambda name, xs: gather_per_trajectory(batches, xs, lengths, name)  # noqa: E731
+        sampled_lp = [b.old_logprobs[b.loss_positions()] for b in batches]
+        model.eval()
         with torch.no_grad():
-            for b in batches:
-                if recompute_old:
-                    model.eval()
-                    old.append(score_batch(model, b, args.temperature)[0])
-                else:
-                    old.append(b.old_logprobs[b.loss_positions()])
+            old = [score_batch(model, b, args.temperature)[0] for b in batches] if recompute_old else sampled_lp
             ref = [score_batch(ref_model, b, args.temperature)[0] for b in batches] if ref_model else None
-        total_tokens = sum(int(b.loss_mask.sum()) for b in batches)
+            if critic is not None:
+                critic.eval()
+                old_v = [values_of(b, loss_rows(model, b)[0] if args.critic == "shared" else None) for b in batches]
+        total_tokens = sum(lengths)
+        stats = {}
+        if recompute_old:  # how far the engine's sampling distribution is from the trainer's
+            stats.update(mismatch_stats(torch.cat(old), torch.cat(sampled_lp)))
 
-        # 4. PPO: clipped surrogate on every generated token, token-mean over the step
-        stats = {"loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "kl_ref": 0.0}
-        skipped = bool((adv == 0).all())
+        # 3. advantages (and the critic's targets), per generated token of each trajectory
+        rewards = torch.tensor([t.reward for t in trajs])
+        kl = None
+        if ref is not None and args.kl_in == "reward":
+            kl = per_traj("kl", [advantages.kl_penalty(o, r, args.kl_estimator) for o, r in zip(old, ref)])
+            stats["rollout/kl_ref"] = float(sum(k.sum() for k in kl)) / total_tokens
+        returns = None
+        if critic is not None:
+            adv, returns = advantages.gae(advantages.token_rewards(rewards.tolist(), lengths, kl, args.kl_coef),
+                                          per_traj("values", old_v), args.gamma, args.lam)
+        else:
+            seq_rewards = rewards if kl is None else rewards - args.kl_coef * torch.stack([k.sum() for k in kl]).float()
+            per_seq = advantages.ESTIMATORS[args.advantage](seq_rewards, args.group_size)
+            adv = [per_seq[i].expand(n) for i, n in enumerate(lengths)]
+        if recompute_old and args.tis != "off":  # truncated importance sampling: engine -> trainer distribution
+            w = advantages.tis_weights(per_traj("old", old), per_traj("sampled", sampled_lp), args.tis, args.tis_cap)
+            stats["mismatch/tis_truncated_frac"] = float(sum((x >= args.tis_cap).sum() for x in w)) / total_tokens
+            adv = [a * x for a, x in zip(adv, w)]
+        if whiten:
+            adv = advantages.whiten(adv)
+        # loss aggregation: token weights and the normalizer the per-batch losses share
+        if args.loss_agg == "token-mean":
+            token_w, normalizer = None, total_tokens
+        else:
+            normalizer = len(trajs)
+            token_w = None if args.loss_agg == "seq-mean-token-sum" else [torch.full((n,), 1.0 / n) for n in lengths]
+        adv_b = [advantages.per_token(adv, b).to(args.device) for b in batches]
+        tw_b = [None if token_w is None else advantages.per_token(token_w, b).to(args.device) for b in batches]
+        ret_b = None if returns is None else [advantages.per_token(returns, b).to(args.device) for b in batches]
+
+        # 4. PPO: clipped surrogate on every generated token (and the clipped value loss), over ppo_epochs passes
+        acc = dict.fromkeys(["loss/policy", "loss/entropy", "loss/approx_kl", "loss/old_approx_kl", "loss/clipfrac"]
+                            + (["loss/kl_ref"] if ref is not None and args.kl_in == "loss" else [])
+                            + (["loss/value", "value/clipfrac"] if critic is not None else []), 0.0)
+        skipped = critic is None and all(bool((a == 0).all()) for a in adv_b)
         if not skipped:
             engine.sleep()  # free what the engine can hold while the trainer updates
             model.train()
+            if critic is not None:
+                critic.train()
+            n = total_tokens * args.ppo_epochs
             for _ in range(args.ppo_epochs):
                 opt.zero_grad(set_to_none=True)
+                if critic_opt is not None:
+                    critic_opt.zero_grad(set_to_none=True)
                 for bi, b in enumerate(batches):
-                    a = adv.to(b.traj_ids.device)[b.traj_ids[b.loss_positions()]]
                     rows, targets = loss_rows(model, b)
                     # fused: the loss and its gradient w.r.t. the logits come out of one pass over the vocabulary
-                    loss, logp, ent = ppo_loss(rows, lm_head_weight(model), targets, old[bi], a,
-                                               ref[bi] if ref is not None else None, args.temperature,
-                                               args.clip_eps, args.entropy_coef, args.kl_coef,
-                                               normalizer=total_tokens)
+                    ploss, logp, ent = ppo_loss(rows, lm_head_weight(model), targets, old[bi], adv_b[bi],
+                                                ref[bi] if ref is not None and args.kl_in == "loss" else None,
+                                                args.temperature, args.clip_eps, args.entropy_coef,
+                                                args.kl_coef if args.kl_in == "loss" else 0.0,
+                                                normalizer=normalizer, token_weights=tw_b[bi])
+                    loss = ploss
+                    if critic is not None:
+                        v = values_of(b, rows)
+                        vloss, vclip = value_loss(v, old_v[bi], ret_b[bi], args.vf_clip, tw_b[bi], normalizer)
+                        acc["loss/value"] += float(vloss.detach()) / args.ppo_epochs
+                        acc["value/clipfrac"] += float(vclip) * len(v) / n
+                        loss = loss + args.vf_coef * vloss  # the separate critic's graph is its own: no cross terms
                     loss.backward()
-                    with torch.no_grad():
-                        ratio = torch.exp(logp - old[bi])
-                        n = total_tokens * args.ppo_epochs
-                        stats["loss"] += float(loss) / args.ppo_epochs
-                        stats["clipfrac"] += float(((ratio - 1).abs() > args.clip_eps).sum()) / n
-                        stats["entropy"] += float(ent.sum()) / n
-                        stats["approx_kl"] += float((old[bi] - logp).sum()) / n
-                        if ref is not None:
+                    with torch.no_grad():  # CleanRL's statistics: approx_kl is k3, old_approx_kl k1
+                        logratio = logp - old[bi]
+                        acc["loss/policy"] += float(ploss) / args.ppo_epochs
+                        acc["loss/clipfrac"] += float(((logratio.exp() - 1).abs() > args.clip_eps).sum()) / n
+                        acc["loss/entropy"] += float(ent.sum()) / n
+                        acc["loss/old_approx_kl"] += float((-logratio).sum()) / n
+                        acc["loss/approx_kl"] += float((logratio.exp() - 1 - logratio).sum()) / n
+                        if "loss/kl_ref" in acc:
                             d = ref[bi] - logp
-                            stats["kl_ref"] += float((torch.exp(d) - d - 1).sum()) / n
+                            acc["loss/kl_ref"] += float((torch.exp(d) - d - 1).sum()) / n
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
+                if critic_opt is not None:
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+                    critic_opt.step()
             engine.wake()
             engine.sync_weights(model)  # the next rollouts sample from the updated policy
+        stats.update(acc)
+        if critic is not None:
+            v, r = torch.cat(old_v).double().cpu(), torch.cat(ret_b).double().cpu()
+            stats.update({"value/mean": float(v.mean()), "value/returns_mean": float(r.mean()),
+                          "value/explained_variance": float(1 - (r - v).var() / r.var()) if r.var() > 0 else 0.0})
         state["rl_step"] = step + 1
         elapsed = time.time() - t0
         rec = {"phase": "rl", "step": step + 1, **episode_metrics(trajs, "rollout"), **stats,
                "skipped_update": skipped, "trained_tokens": total_tokens, "packed_batches": len(batches),
+               "packed_tokens": sum(b.num_tokens for b in batches),
+               "shared_question_tokens_saved": sum(b.saved_tokens for b in batches),
                "time/rollout_s": t_rollout, "time/step_s": elapsed,
-               "trained_tokens_per_s": total_tokens * args.ppo_epochs / max(elapsed - t_rollout, 1e-9)}
+               "time/trained_tokens_per_s": total_tokens * args.ppo_epochs / max(elapsed - t_rollout, 1e-9)}
         log(rec)
         bar.set_postfix(reward=f"{rec['rollout/reward']:.2f}", em=f"{rec['rollout/em_per_objective']:.2f}",
                         turns=f"{rec['rollout/turns']:.1f}")
         if args.eval_every and (step + 1) % args.eval_every == 0:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0:
-            checkpoint(opt)
-    checkpoint(opt)
+            checkpoint(opt, extra_state())
+    checkpoint(opt, extra_state())
     metrics_f.close()
     print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoint in {ckpt}")
     return model, tok

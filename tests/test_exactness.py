@@ -14,7 +14,7 @@ from mem1_fast.consolidation import EXACT_MODES, MODES, pack
 from mem1_fast.rollout import AgentConfig, run_episodes
 from mem1_fast.tasks.synthetic import SyntheticTask
 from mem1_fast.tiny import tiny_model, tiny_model_and_tokenizer, tiny_qwen2, word_tokenizer
-from mem1_fast.train import score_batch
+from mem1_fast.scoring import score_batch
 from mem1_fast.trajectory import Trajectory, split_generation, think_splitter
 
 WORDS = [f"w{i}" for i in range(60)] + ["<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>"]

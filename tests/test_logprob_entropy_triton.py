@@ -227,8 +227,10 @@ def test_empty_batch_and_interface(tiles):
 
 
 @interpreted
-def test_fused_ppo_with_small_tiles(tiles, monkeypatch):
-    """The fused PPO loss through the small-tile paths (vocabulary chunks), against the definition on the oracle."""
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "token-weights"])
+def test_fused_ppo_with_small_tiles(tiles, monkeypatch, weighted):
+    """The fused PPO loss through the small-tile paths (vocabulary chunks), against the definition on the oracle,
+    with and without per-token loss weights."""
     import importlib
 
     from mem1_fast.ops.ppo_loss import reference_ppo_loss
@@ -239,13 +241,14 @@ def test_fused_ppo_with_small_tiles(tiles, monkeypatch):
     old = (lp0 + torch.tensor([0.5, -0.5, 0.05, -0.05])[torch.arange(37) % 4]).float()
     adv, ref = torch.randn(37), (lp0 + 0.3 * torch.randn(37).double()).float()
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, lp, ent = ppo_loss(h, w, targets, old, adv, ref, 0.7, 0.2, 0.01, 0.1, backend="triton")
+    tw = torch.rand(37) + 0.1 if weighted else None
+    loss, lp, ent = ppo_loss(h, w, targets, old, adv, ref, 0.7, 0.2, 0.01, 0.1, token_weights=tw, backend="triton")
     (loss * -1.3).backward()
     h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     with monkeypatch.context() as m:
         m.setattr(ppo_mod, "logprob_entropy", oracles.logprob_entropy)
         loss2, lp2, ent2 = reference_ppo_loss(h2, w2, targets, old.double(), adv.double(), ref.double(), 0.7, 0.2,
-                                              0.01, 0.1, 37.0)
+                                              0.01, 0.1, 37.0, None if tw is None else tw.double())
     (loss2 * -1.3).backward()
     for a, b in ((loss, loss2), (lp, lp2), (ent, ent2), (h.grad, h2.grad), (w.grad, w2.grad)):
         assert ((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-3)).item() <= 1e-5

@@ -31,7 +31,7 @@ def make_case(N, H, V, temperature, dtype=torch.float32, scale=1.0, seed=0):
 
 
 def expected(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
-             normalizer, g_loss, monkeypatch):
+             normalizer, g_loss, monkeypatch, token_weights=None):
     """reference_ppo_loss with the generic op replaced by the fp64 oracle: (loss, logp, ent, d_hidden, d_weight)."""
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
@@ -39,7 +39,8 @@ def expected(hidden, weight, targets, old_logp, advantages, ref_logp, temperatur
         m.setattr(ppo_mod, "logprob_entropy", oracles.logprob_entropy)
         loss, lp, ent = reference_ppo_loss(h, w, targets, old_logp.double(), advantages.double(),
                                            None if ref_logp is None else ref_logp.double(), temperature, clip_eps,
-                                           entropy_coef, kl_coef, normalizer)
+                                           entropy_coef, kl_coef, normalizer,
+                                           None if token_weights is None else token_weights.double())
     (loss * g_loss).backward()
     return loss.detach(), lp, ent, h.grad, w.grad
 
@@ -55,11 +56,11 @@ def loss_scale(lp, ent, old_logp, advantages, ref_logp, entropy_coef, kl_coef, n
 
 
 def run(backend, hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef,
-        kl_coef, normalizer, g_loss):
+        kl_coef, normalizer, g_loss, token_weights=None):
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     loss, lp, ent = ppo_loss(h, w, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef,
-                             kl_coef, normalizer, backend=backend)
+                             kl_coef, normalizer, token_weights=token_weights, backend=backend)
     assert not lp.requires_grad and not ent.requires_grad
     (loss * g_loss).backward()
     return loss.detach(), lp, ent, h.grad, w.grad
@@ -90,6 +91,33 @@ def test_matches_definition(backend, temperature, coefs, N, H, V, monkeypatch):
         assert a.dtype == torch.float32, name
         err = ((a.double() - b).abs().max() / (scale if name == "loss" else b.abs().max().clamp(min=1.0))).item()
         assert err <= 1e-5, f"{backend} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_weights_are_one_call_of_per_trajectory_means(backend, monkeypatch):
+    """seq-mean-token-mean in one call (w_t = 1 / |trajectory|, normalizer = trajectories) equals the mean over
+    trajectories of separate token-mean calls, and matches the fp64 definition; without the weights it does not."""
+    N, lens = 130, [11, 64, 55]
+    hidden, weight, targets, old_logp, adv, ref_logp = make_case(N, 48, 9000, 0.7, seed=3)
+    tw = torch.cat([torch.full((n,), 1.0 / n) for n in lens])
+    args = (hidden, weight, targets, old_logp, adv, ref_logp, 0.7, 0.2, 0.01, 0.1, float(len(lens)), -1.7)
+    got = run(backend, *args, token_weights=tw)
+    want = expected(*args, monkeypatch, token_weights=tw)
+    for name, a, b in zip(NAMES, got, want):
+        assert rel_err(a, b) <= 1e-5, f"{backend} {name}"
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    total, start = 0.0, 0
+    for n in lens:
+        sl = slice(start, start + n)
+        part, _, _ = ppo_loss(h[sl], w, targets[sl], old_logp[sl], adv[sl], ref_logp[sl], 0.7, 0.2, 0.01, 0.1,
+                              float(n * len(lens)), backend=backend)
+        total = total + part
+        start += n
+    (total * -1.7).backward()
+    assert abs(total.item() - got[0].item()) <= 1e-5 * abs(total.item())
+    assert rel_err(got[3], h.grad) <= 1e-5 and rel_err(got[4], w.grad) <= 1e-5
+    unweighted = run(backend, *args)
+    assert rel_err(unweighted[4], want[4]) > 1e-2  # negative control: the weights are seen
 
 
 def test_case_exercises_both_sides_of_the_clip():
@@ -198,6 +226,7 @@ def test_bad_inputs_are_named(backend):
         ((h, w, t, old, adv), {"kl_coef": 0.1}, "kl_coef > 0 needs ref_logp"),
         ((h, w, t, old, adv), {"clip_eps": 0.0}, "clip_eps must be > 0"),
         ((h, w, t, old, adv), {"normalizer": 0.0}, "normalizer must be > 0"),
+        ((h, w, t, old, adv), {"token_weights": torch.ones(5)}, "token_weights must be \\[N=4\\]"),
         ((h, w, t, old, adv), {"temperature": -1.0}, "temperature must be > 0"),
         ((h, w, t, old, adv), {"backend": "nope"}, "unknown backend"),
     ]

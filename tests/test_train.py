@@ -1,5 +1,6 @@
 """The trainer end to end on the CPU default (shrunk): metrics, an HF checkpoint, resume, --help."""
 import json
+import math
 import subprocess
 import sys
 
@@ -24,7 +25,8 @@ def test_short_run_writes_metrics_and_checkpoint(tmp_path, mode):
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in recs if r["phase"] == "sft"] == [1, 2, 3]
     assert [r["step"] for r in recs if r["phase"] == "rl"] == [1, 2]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs if r["phase"] in ("sft", "rl"))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs if r["phase"] == "sft")
+    assert all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in recs if r["phase"] == "rl")
     ckpt = tmp_path / "checkpoint"  # that it reloads as what was trained: tests/test_checkpoint.py
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert state["rl_step"] == 2 and state["phase"] == "rl"
@@ -60,7 +62,7 @@ def test_kl_reference_survives_resume(tmp_path):
     ref2 = AutoModelForCausalLM.from_pretrained(tmp_path / "reference").state_dict()
     assert all(torch.equal(ref[k], ref2[k]) for k in ref)
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert all("kl_ref" in r for r in recs if r["phase"] == "rl")
+    assert all("loss/kl_ref" in r for r in recs if r["phase"] == "rl")
 
 
 # --- user mistakes: one line naming the option, exit status 2, no traceback, before any model is built ---------
@@ -162,3 +164,121 @@ def test_a_tokenizer_that_would_not_reload_is_refused_before_training(tmp_path, 
     assert e.value.code == 2 and err[-1].startswith("mem1_fast.train: error: --model: AutoTokenizer would not")
     assert "Qwen2Tokenizer" in err[-1]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+# --- the PPO trainer's estimators, aggregation, off-policy correction and exact resume -------------------------
+def rl_records(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl") if json.loads(line)["phase"] != "sft"]
+
+
+@pytest.mark.parametrize("kw", [dict(advantage="gae"), dict(advantage="gae", critic="shared", gamma=0.99, lam=0.95),
+                                dict(advantage="rloo", loss_agg="seq-mean-token-mean"),
+                                dict(advantage="grpo", loss_agg="seq-mean-token-sum", kl_coef=0.1, kl_in="reward",
+                                     kl_estimator="k1", share_question=True)],
+                         ids=["gae", "gae-shared", "rloo-seqmean", "grpo-klreward-sharedq"])
+def test_estimators_train_and_log_their_metrics(tmp_path, kw):
+    train.main(small_args(tmp_path, **kw))
+    recs = [r for r in rl_records(tmp_path) if r["phase"] == "rl"]
+    assert len(recs) == 2
+    for r in recs:
+        for k in ("loss/policy", "loss/entropy", "loss/approx_kl", "loss/old_approx_kl", "loss/clipfrac"):
+            assert math.isfinite(r[k]), k
+        assert r["loss/approx_kl"] >= 0  # k3
+        if kw["advantage"] == "gae":
+            assert math.isfinite(r["loss/value"]) and math.isfinite(r["value/explained_variance"])
+            assert not r["skipped_update"]  # the critic learns from every step
+        if kw.get("kl_in") == "reward":
+            assert "rollout/kl_ref" in r and "loss/kl_ref" not in r
+        saved = r["shared_question_tokens_saved"]
+        assert (saved > 0) == bool(kw.get("share_question")) and r["packed_tokens"] > 0
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert ("critic" in state) == (kw["advantage"] == "gae")
+
+
+def test_gae_critic_learns_the_value_of_a_fixed_reward(tmp_path, monkeypatch):
+    """Every rollout rewarded 1 with gamma = lam = 1: the return of every token is 1, so the zero-initialized
+    critic's mean value at rollout time rises from 0 towards 1 step after step."""
+    run = rollout.run_episodes
+
+    def rewarded(*a, **k):
+        trajs = run(*a, **k)
+        for t in trajs:
+            t.reward = 1.0
+        return trajs
+
+    monkeypatch.setattr(rollout, "run_episodes", rewarded)
+    train.main(small_args(tmp_path, advantage="gae", steps=4, critic_lr=1e-2, vf_clip=0.0, eval_every=0))
+    recs = [r for r in rl_records(tmp_path) if r["phase"] == "rl"]
+    assert [r["value/returns_mean"] for r in recs] == [1.0] * 4
+    values = [r["value/mean"] for r in recs]
+    assert values[0] == 0.0 and 0.0 < values[1] < values[3] <= 1.5, values
+
+
+class _InexactEngine:
+    """The HF engine with every recorded log-prob shifted by -0.05: an engine whose numerics differ from the
+    trainer's, as a bf16 vLLM's do."""
+    exact_logprobs = False
+
+    def __init__(self, *a, **k):
+        from mem1_fast.rollout.hf import HFEngine
+        self.inner = HFEngine(*a, **k)
+
+    def step(self, idx, observations=None):
+        gens = self.inner.step(idx, observations)
+        for g in gens:
+            g.logprobs[:] = [lp - 0.05 for lp in g.logprobs]
+        return gens
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("tis", ["token", "sequence"])
+def test_an_inexact_engine_gets_recomputed_old_logprobs_and_importance_weights(tmp_path, monkeypatch, tis):
+    from mem1_fast.rollout import base
+    monkeypatch.setitem(base._ENGINES, "inexact", (_InexactEngine, lambda plan: True))
+    train.main(small_args(tmp_path, engine="inexact", tis=tis, tis_cap=1.02, eval_every=0))
+    for r in (r for r in rl_records(tmp_path) if r["phase"] == "rl"):
+        # the trainer's own log-probs are the engine's + 0.05 (up to fp32 noise): the mismatch is measured
+        assert r["mismatch/logprob_abs_mean"] == pytest.approx(0.05, abs=1e-4)
+        assert r["mismatch/logprob_abs_max"] == pytest.approx(0.05, abs=1e-4)
+        assert r["mismatch/ratio_p50"] == pytest.approx(math.exp(0.05), abs=1e-4)
+        # exp(0.05) = 1.051 > cap 1.02 per token: every token truncated; sequences: their products are larger still
+        assert r["mismatch/tis_truncated_frac"] == 1.0
+
+
+def varied_rewards(monkeypatch):
+    """Rewards that vary between rollouts (the tiny model of these short runs never answers right, and all-zero
+    rewards would leave nothing to update), as a function of the sampled tokens only."""
+    run = rollout.run_episodes
+
+    def rewarded(*a, **k):
+        trajs = run(*a, **k)
+        for t in trajs:
+            t.reward = sum(i for j in range(t.num_turns) for i in t.generation(j)) % 5 / 4
+        return trajs
+
+    monkeypatch.setattr(rollout, "run_episodes", rewarded)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(advantage="gae")], ids=["grpo", "gae"])
+def test_a_killed_run_resumes_into_the_same_run(tmp_path, kw, monkeypatch):
+    """Stopped after RL step 1 and resumed, a run logs exactly what an uninterrupted run logs (losses, rewards,
+    values, evaluations: every metric but the clocks), and ends with the same weights."""
+    varied_rewards(monkeypatch)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    m1, _ = train.main(small_args(whole, steps=3, **kw))
+    train.main(small_args(parts, steps=1, **kw))
+    m2, _ = train.main(small_args(parts, steps=3, **kw))
+    strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"}  # noqa: E731
+                          for r in recs]
+    a = strip(json.loads(line) for line in open(whole / "metrics.jsonl"))
+    b = strip(json.loads(line) for line in open(parts / "metrics.jsonl"))
+    assert a == b
+    rl = [r for r in a if r["phase"] == "rl"]
+    assert not any(r["skipped_update"] for r in rl) and len({r["rollout/reward"] for r in rl}) > 1
+    assert all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), m2.state_dict().values()))
+    sa = torch.load(whole / "checkpoint" / "trainer_state.pt", weights_only=False)
+    sb = torch.load(parts / "checkpoint" / "trainer_state.pt", weights_only=False)
+    if "critic" in sa:
+        assert all(torch.equal(sa["critic"][k], sb["critic"][k]) for k in sa["critic"])

@@ -557,7 +557,7 @@ _KERNELS = {
     "gemm_dh_acc": ("logprob_entropy", "_gemm_kernel", {"ACCUM": True, "s_ak": 1}, "dh"),
     "gemm_dw": ("logprob_entropy", "_gemm_kernel", {"ACCUM": False, "s_am": 1}, "dw"),
     "gemm_dw_acc": ("logprob_entropy", "_gemm_kernel", {"ACCUM": True, "s_am": 1}, "dw"),
-    "ppo_token": ("ppo_loss", "_ppo_token_kernel", {"BLOCK": 256, "HAS_REF": True}, None),
+    "ppo_token": ("ppo_loss", "_ppo_token_kernel", {"BLOCK": 256, "HAS_REF": True, "HAS_W": True}, None),
 }
 _DT = {"fp16": (torch.float16, tl.float16), "bf16": (torch.bfloat16, tl.bfloat16), "fp32": (torch.float32, tl.float32)}
 _H_OF_CLASS = {"small": 1024, "large": 4096}
@@ -577,7 +577,7 @@ def _signature(fn, consts: dict, data_dt: str, cd_dt: str) -> tuple[dict, dict]:
     # the gradient GEMMs as the last chunk runs them: C = the gradient in the input dtype, CIN = the fp32 sum
     data = {"X": data_dt, "W": data_dt, "DZ": cd_dt, "A": cd_dt, "B": data_dt, "C": data_dt, "CIN": "fp32"}
     i64 = {"TGT"}
-    f32_ptrs = {"PART", "LOGP", "ENT", "STATS", "GL", "GE", "OLD", "ADV", "REF", "LOSS"}
+    f32_ptrs = {"PART", "LOGP", "ENT", "STATS", "GL", "GE", "OLD", "ADV", "REF", "TW", "LOSS"}
     floats = {"inv_tau", "alpha", "clip_eps", "ent_coef", "kl_coef", "inv_norm"}
     div16 = {"H", "V", "M", "NC", "K", "stride_x", "stride_w", "stride_dz", "s_am", "s_ak", "s_bk", "s_cm", "s_cin"}
     sig, attrs = {}, {}

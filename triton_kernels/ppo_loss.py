@@ -32,10 +32,11 @@ from . import logprob_entropy as le
 
 
 @triton.jit
-def _ppo_token_kernel(LOGP, ENT, OLD, ADV, REF, LOSS, GL, GE, N, clip_eps, ent_coef, kl_coef, inv_norm,
-                      HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+def _ppo_token_kernel(LOGP, ENT, OLD, ADV, REF, TW, LOSS, GL, GE, N, clip_eps, ent_coef, kl_coef, inv_norm,
+                      HAS_REF: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     """Per token: loss_t = max(-A r, -A clip(r, 1 - eps, 1 + eps)) - c_ent H + c_kl k3(ref - logp), r = exp(logp - old)
-    (LOSS, before the normalizer) and d loss / d logp, d loss / d entropy divided by the normalizer (GL, GE)."""
+    times its weight w_t (LOSS, before the normalizer) and d loss / d logp, d loss / d entropy, weighted and divided
+    by the normalizer (GL, GE)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
     logp = tl.load(LOGP + rows, mask=ok, other=0.0)
@@ -55,9 +56,14 @@ def _ppo_token_kernel(LOGP, ENT, OLD, ADV, REF, LOSS, GL, GE, N, clip_eps, ent_c
         ed = tl.exp(d)
         loss += kl_coef * (ed - d - 1.0)
         dlogp += kl_coef * (1.0 - ed)
+    wn = tl.zeros([BLOCK], tl.float32) + inv_norm
+    if HAS_W:
+        w = tl.load(TW + rows, mask=ok, other=0.0)
+        loss = loss * w
+        wn = wn * w
     tl.store(LOSS + rows, loss, mask=ok)
-    tl.store(GL + rows, dlogp * inv_norm, mask=ok)
-    tl.store(GE + rows, tl.zeros([BLOCK], tl.float32) - ent_coef * inv_norm, mask=ok)
+    tl.store(GL + rows, dlogp * wn, mask=ok)
+    tl.store(GE + rows, -ent_coef * wn, mask=ok)
 
 
 DTYPES = le.DTYPES
@@ -68,7 +74,7 @@ def available(device) -> bool:
 
 
 def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
-            normalizer):
+            normalizer, token_weights=None):
     need_h, need_w = hidden.requires_grad, weight.requires_grad
     hidden, weight = hidden.detach(), weight.detach()
     logp, ent, saved = le.forward(hidden, weight, targets, temperature)
@@ -81,11 +87,13 @@ def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature
     old = old_logp.to(torch.float32).contiguous()
     adv = advantages.to(torch.float32).contiguous()
     ref = ref_logp.to(torch.float32).contiguous() if has_ref else old
+    has_w = token_weights is not None
+    tw = token_weights.to(torch.float32).contiguous() if has_w else old
     if N:
         blk = 256
-        _ppo_token_kernel[(triton.cdiv(N, blk),)](logp, ent, old, adv, ref, loss_rows, gl, ge, N, float(clip_eps),
-                                                  float(entropy_coef), float(kl_coef), 1.0 / float(normalizer),
-                                                  has_ref, blk, num_warps=4)
+        _ppo_token_kernel[(triton.cdiv(N, blk),)](logp, ent, old, adv, ref, tw, loss_rows, gl, ge, N,
+                                                  float(clip_eps), float(entropy_coef), float(kl_coef),
+                                                  1.0 / float(normalizer), has_ref, has_w, blk, num_warps=4)
     loss = loss_rows.sum() / float(normalizer)
     dh, dw = le.backward(gl, ge, hidden, weight, targets, temperature, saved, need_h, need_w)
     if dh is None:

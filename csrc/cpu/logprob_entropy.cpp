@@ -326,10 +326,11 @@ struct PPO {
   const float* old_logp = nullptr;
   const float* adv = nullptr;
   const float* ref_logp = nullptr;  // nullptr: no KL term
+  const float* weights = nullptr;   // [N] per-token loss weights; nullptr: all 1
   T clip_eps = 0, ent_coef = 0, kl_coef = 0, inv_norm = 1;
-  T* loss_rows = nullptr;  // [N], per-token loss (before 1/normalizer)
+  T* loss_rows = nullptr;  // [N], per-token weighted loss (before 1/normalizer)
 
-  // loss_t and (dloss/dlogp, dloss/dentropy), both already divided by the normalizer
+  // w_t loss_t and (dloss/dlogp, dloss/dentropy), both already weighted and divided by the normalizer
   MEM1_LPE_INLINE void eval(int64_t g, T logp, T ent, T* gl, T* ge) const {
     const T A = T(adv[g]);
     const T ratio = std::exp(logp - T(old_logp[g]));
@@ -345,9 +346,10 @@ struct PPO {
       loss = loss + kl_coef * (ed - d - T(1));
       dlogp += kl_coef * (T(1) - ed);
     }
-    loss_rows[g] = loss;
-    *gl = dlogp * inv_norm;
-    *ge = -ent_coef * inv_norm;
+    const T wn = (weights != nullptr ? T(weights[g]) : T(1)) * inv_norm;
+    loss_rows[g] = weights != nullptr ? loss * T(weights[g]) : loss;
+    *gl = dlogp * wn;
+    *ge = -ent_coef * wn;
   }
 };
 
@@ -755,7 +757,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_impl(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& old_logp,
     const at::Tensor& adv, const at::Tensor& ref_logp, double temperature, double clip_eps, double entropy_coef,
     double kl_coef, double normalizer, bool need_h, bool need_w, int64_t tile_rows, int64_t tile_cols, int64_t isa,
-    const char* op) {
+    const at::Tensor& weights, const char* op) {
   Job<T> J;
   J.mode = Mode::kFused;
   setup(J, hidden, weight, targets, temperature, tile_rows, tile_cols, isa, op);
@@ -770,6 +772,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_impl(
   J.ppo.old_logp = old_logp.data_ptr<float>();
   J.ppo.adv = adv.data_ptr<float>();
   J.ppo.ref_logp = ref_logp.defined() ? ref_logp.data_ptr<float>() : nullptr;
+  J.ppo.weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
   J.ppo.clip_eps = T(clip_eps);
   J.ppo.ent_coef = T(entropy_coef);
   J.ppo.kl_coef = T(kl_coef);
@@ -797,7 +800,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets_in, const at::Tensor& old_in,
     const at::Tensor& adv_in, const c10::optional<at::Tensor>& ref_in, double temperature, double clip_eps,
     double entropy_coef, double kl_coef, double normalizer, bool need_hidden, bool need_weight, int64_t tile_rows,
-    int64_t tile_cols, int64_t isa) {
+    int64_t tile_cols, int64_t isa, const c10::optional<at::Tensor>& weights_in) {
   const char* op = "mem1_fast::ppo_loss_fused";
   at::NoGradGuard no_grad;  // the ATen calls below write into views; no autograd inside this op
   const at::ScalarType acc = check_inputs(hidden, weight, targets_in, temperature, op);
@@ -810,12 +813,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   const at::Tensor adv = row_vector(adv_in, N, at::kFloat, "advantages", op);
   const at::Tensor ref_logp = row_vector(ref_in, N, at::kFloat, "ref_logp", op);
   TORCH_CHECK(kl_coef == 0 || ref_logp.defined(), op, ": kl_coef != 0 needs ref_logp");
+  const at::Tensor weights = row_vector(weights_in, N, at::kFloat, "token_weights", op);
   if (acc == at::kDouble) {
     return ppo_impl<double>(hidden, weight, targets, old_logp, adv, ref_logp, temperature, clip_eps, entropy_coef,
-                            kl_coef, normalizer, need_hidden, need_weight, tile_rows, tile_cols, isa, op);
+                            kl_coef, normalizer, need_hidden, need_weight, tile_rows, tile_cols, isa, weights, op);
   }
   return ppo_impl<float>(hidden, weight, targets, old_logp, adv, ref_logp, temperature, clip_eps, entropy_coef,
-                         kl_coef, normalizer, need_hidden, need_weight, tile_rows, tile_cols, isa, op);
+                         kl_coef, normalizer, need_hidden, need_weight, tile_rows, tile_cols, isa, weights, op);
 }
 
 // Which row-kernel body `isa` resolves to ("avx512", "avx2" or "generic"; float64 always runs "generic").

@@ -24,12 +24,12 @@ def available(device: str = "cpu") -> bool:
 
 
 def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
-            normalizer, tile: tuple[int, int] | None = None, isa: int = -1):
+            normalizer, token_weights=None, tile: tuple[int, int] | None = None, isa: int = -1):
     need_h, need_w = hidden.requires_grad, weight.requires_grad
     rows, cols = _le.TILE if tile is None else tile
     loss, logp, ent, dh, dw = _le._ops().ppo_loss_fused(
         hidden, weight, targets, old_logp, advantages, ref_logp, float(temperature), float(clip_eps),
-        float(entropy_coef), float(kl_coef), float(normalizer), need_h, need_w, rows, cols, isa)
+        float(entropy_coef), float(kl_coef), float(normalizer), need_h, need_w, rows, cols, isa, token_weights)
     if dh is None:
         dh = hidden.new_zeros(())
     if dw is None:

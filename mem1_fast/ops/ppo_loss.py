@@ -1,11 +1,14 @@
 """ppo_loss: the PPO update loss straight from hidden states, fused with the LM head (Liger-style).
 
     loss, logp, entropy = ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp=None,
-                                   temperature=1.0, clip_eps=0.2, entropy_coef=0.0, kl_coef=0.0, normalizer=None)
+                                   temperature=1.0, clip_eps=0.2, entropy_coef=0.0, kl_coef=0.0, normalizer=None,
+                                   token_weights=None)
 
 Per trained token, with logp / entropy from softmax(hidden @ weight.T / temperature) and r = exp(logp - old_logp):
     loss_t = max(-A r, -A clip(r, 1-eps, 1+eps)) - entropy_coef * entropy + kl_coef * k3(ref_logp - logp)
-    k3(d) = exp(d) - d - 1;     loss = sum_t loss_t / normalizer  (normalizer defaults to N)
+    k3(d) = exp(d) - d - 1;     loss = sum_t w_t loss_t / normalizer  (normalizer defaults to N, w_t to 1)
+Per-token weights give any loss aggregation in one call: token-mean is w = 1 with normalizer = tokens in the
+update, seq-mean-token-mean w_t = 1 / |trajectory of t| with normalizer = trajectories, and so on.
 `logp` and `entropy` come back detached, for statistics. Differentiable in hidden and weight.
 
 When the loss formula is known at forward time, a fused backend computes, tile by tile, the loss's gradient with
@@ -16,7 +19,7 @@ op followed by the formula in autograd — the definition the fused backends mus
 module implements
     available(device) -> bool
     forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
-            normalizer) -> (loss fp32 scalar, logp fp32 [N], entropy fp32 [N], d_hidden, d_weight)
+            normalizer, token_weights) -> (loss fp32 scalar, logp fp32 [N], entropy fp32 [N], d_hidden, d_weight)
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ from .logprob_entropy import _check_inputs, logprob_entropy
 
 def ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp=None, temperature: float = 1.0,
              clip_eps: float = 0.2, entropy_coef: float = 0.0, kl_coef: float = 0.0, normalizer: float | None = None,
-             backend: str | None = None):
+             token_weights=None, backend: str | None = None):
     _check_inputs(hidden, weight, targets, temperature)
     N = hidden.shape[0]
-    for name, x in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
+    for name, x in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp),
+                    ("token_weights", token_weights)):
         if x is not None and (x.dim() != 1 or x.shape[0] != N):
             raise ValueError(f"ppo_loss: {name} must be [N={N}], got {tuple(x.shape)}")
     if kl_coef and ref_logp is None:
@@ -42,14 +46,15 @@ def ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp=None, tempe
         raise ValueError(f"ppo_loss: normalizer must be > 0, got {normalizer}")
     backend = _backends.pick(backend, hidden)
     args = (targets.long(), old_logp.float(), advantages.float(), None if ref_logp is None else ref_logp.float(),
-            float(temperature), float(clip_eps), float(entropy_coef), float(kl_coef), normalizer)
+            float(temperature), float(clip_eps), float(entropy_coef), float(kl_coef), normalizer,
+            None if token_weights is None else token_weights.float().contiguous())
     if backend == "reference":
         return reference_ppo_loss(hidden, weight, *args)
     return _FusedPPOLoss.apply(hidden, weight, _backends.module(backend), *args)
 
 
 def reference_ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef,
-                       kl_coef, normalizer):
+                       kl_coef, normalizer, token_weights=None):
     logp, ent = logprob_entropy(hidden, weight, targets, temperature)
     ratio = torch.exp(logp - old_logp)
     tok = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
@@ -57,6 +62,8 @@ def reference_ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp, 
     if kl_coef:
         d = ref_logp - logp
         tok = tok + kl_coef * (torch.exp(d) - d - 1)
+    if token_weights is not None:
+        tok = tok * token_weights
     return tok.sum() / normalizer, logp.detach(), ent.detach()
 
 
@@ -77,7 +84,7 @@ class _FusedPPOLoss(torch.autograd.Function):
         # second d_weight ([V, H]) for nothing. Not in place, so a retained graph can run backward again.
         if not bool(g_loss == 1):
             dh, dw = (dh * g_loss).to(dh.dtype), (dw * g_loss).to(dw.dtype)
-        return dh, dw, None, *([None] * 9)
+        return dh, dw, None, *([None] * 10)
 
 
 class _Reference:  # the generic op followed by the formula, in autograd (reference_ppo_loss)
