@@ -106,10 +106,15 @@ def gae(rewards: Sequence[torch.Tensor], values: Sequence[torch.Tensor], gamma: 
     return adv, [a + V[i, :len(a)] for i, a in enumerate(adv)]
 
 
-def whiten(xs: Sequence[torch.Tensor], shift_mean: bool = True, eps: float = 1e-8) -> list[torch.Tensor]:
-    """Normalize per-token values over all trained tokens of the step (mean 0 unless shift_mean=False, std 1)."""
+def whiten(xs: Sequence[torch.Tensor], shift_mean: bool = True, eps: float = 1e-8,
+           total=lambda x: x) -> list[torch.Tensor]:
+    """Normalize per-token values over all trained tokens of the step (mean 0 unless shift_mean=False, std 1);
+    `total` sums a statistic over ranks (distributed.Dist.sum) so that every rank uses the global mean and std."""
     flat = torch.cat([x.double() for x in xs])
-    mean, std = flat.mean(), flat.std(unbiased=False)
+    n, s1 = total(float(flat.numel())), total(float(flat.sum()))
+    mean = s1 / n
+    var = total(float(((flat - mean) ** 2).sum())) / n
+    std = var ** 0.5
     return [((x.double() - mean) if shift_mean else x.double()) / (std + eps) for x in xs]
 
 

@@ -10,6 +10,7 @@ at the first save, not a silently different tokenization after a resume. A crash
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -58,13 +59,14 @@ def reload_mismatch(tok, probe_texts: Sequence[str], directory: Path | None = No
     return tokenizer_mismatch(tok, AutoTokenizer.from_pretrained(directory), probe_texts)
 
 
-def save(path: Path, model, tok, trainer_state: dict, probe_texts: Sequence[str]) -> None:
-    """Write model, tokenizer and `trainer_state` (anything torch.save takes) to `path`, replacing it whole."""
+def save(path: Path, model, tok, trainer_state: dict, probe_texts: Sequence[str], state_dict=None) -> None:
+    """Write model, tokenizer and `trainer_state` (anything torch.save takes) to `path`, replacing it whole.
+    `state_dict`: the model's weights when its own are sharded (rollout.full_state_dict)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tok.save_pretrained(tmp)
     why = reload_mismatch(tok, probe_texts, tmp)
     if why:
@@ -98,14 +100,15 @@ def load_state(path: Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, weights_only=False)
 
 
-def reference_model(path: Path, policy):
+def reference_model(path: Path, policy, write: bool = True, wait=lambda: None):
     """The frozen reference policy kept at `path`: saved there from `policy` the first time (to `<path>.tmp`, then
-    renamed, so a crash never leaves half a reference that a resumed run would load), loaded from it afterwards."""
+    renamed, so a crash never leaves half a reference that a resumed run would load), loaded from it afterwards.
+    Under torchrun one rank writes (`write`) and every rank loads after `wait()`."""
     from transformers import AutoModelForCausalLM
 
     from .hf import NAME
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if write and not (path / "config.json").is_file():
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -113,4 +116,36 @@ def reference_model(path: Path, policy):
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
+    wait()
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=NAME, dtype=torch.float32)
+
+
+def trim_metrics(path: Path, state: dict) -> int:
+    """Drop the metric records a killed run wrote after its last checkpoint (the resumed run writes them again):
+    SFT records past `state["sft_step"]`, RL and evaluation records past `state["rl_step"]` (the evaluation before
+    RL counts as written only once an RL step was saved), and a last line cut off mid-write. Rewrites the file
+    atomically; returns how many records were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    rl = state["phase"] == "rl"
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # the kill came mid-line
+            dropped += 1
+            continue
+        step, phase = rec.get("step", 0), rec.get("phase")
+        ok = (step <= state["sft_step"] if phase == "sft" else
+              rl and (step <= state["rl_step"] if phase == "rl" else
+                      step < state["rl_step"] or 0 < step == state["rl_step"]))
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.rename(path)
+    return dropped

@@ -22,3 +22,21 @@ def score_batch(model, batch, temperature: float) -> tuple[torch.Tensor, torch.T
     """log-prob and entropy of every trained token of a packed batch, at `temperature`."""
     rows, targets = loss_rows(model, batch)
     return logprob_entropy(rows, lm_head_weight(model), targets, temperature)
+
+
+class PackedLM(torch.nn.Module):
+    """A causal LM run on packed batches with the LM-head op inside its own forward: `policy(batch, fn)` returns
+    `fn(rows, lm_head_weight, targets)`. Under FSDP2 (distributed.shard) the module that owns the embeddings and
+    the LM head gathers them around its forward, so the fused ops see the whole weight; unsharded it is the plain
+    model (the same operations in the same order)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch, fn):
+        rows, targets = loss_rows(self.lm, batch)
+        return fn(rows, lm_head_weight(self.lm), targets)
+
+    def logprobs(self, batch, temperature: float) -> torch.Tensor:
+        return self(batch, lambda rows, w, t: logprob_entropy(rows, w, t, temperature)[0])

@@ -3,6 +3,7 @@
     python -m mem1_fast.train                 # CPU default: tiny Llama, synthetic multi-hop QA, in-process BM25
     python -m mem1_fast.train --advantage gae # PPO with a critic and GAE, as MEM1 trains
     python -m mem1_fast.train --help          # every option
+    torchrun --nproc-per-node 8 -m mem1_fast.train --model DIR ...   # FSDP2 over ranks (mem1_fast/distributed.py)
 
 Each step: sample task episodes (each repeated `group_size` times), roll them out with the engine (KV cache
 consolidated per `mode`), score them, pack the trajectories in the mode's exact layout, turn rewards into
@@ -18,9 +19,11 @@ states), and resumes from it when present: a resumed run logs what the uninterru
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -137,7 +140,12 @@ class Args:
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)"""
     device: str = "cpu"
-    """torch device for training and the HF engine"""
+    """torch device for training and the HF engine (under torchrun on GPUs: each rank's LOCAL_RANK device)"""
+    activation_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward pass (policy and critic)"""
+    bf16: bool = False
+    """under torchrun on GPUs: FSDP2 mixed precision (bf16 parameters and compute, fp32 gradient reduction);
+    old log-probs are then recomputed by the trainer"""
 
 
 # --- setup: every option and input checked before a model is built -------------------------------------------
@@ -199,6 +207,8 @@ def check_args(args: Args) -> None:
     except RuntimeError as e:
         raise UsageError(f"--device: {args.device!r} is not a torch device ({e})") from None
     need(device.type in ("cpu", "cuda"), "--device", f"{args.device!r}: only cpu and cuda are supported")
+    need(not args.bf16 or (device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1), "--bf16",
+         "bf16 mixed precision is FSDP2's: run under torchrun on CUDA devices")
     if device.type == "cuda":
         n = torch.cuda.device_count()
         need(n > 0, "--device", f"{args.device!r}: no CUDA device here")
@@ -315,20 +325,26 @@ def episode_metrics(trajs, prefix: str) -> dict:
 
 def main(args: Args):
     """Train; returns the final (model, tokenizer). Raises UsageError for bad input: before any model is built for
-    options and files, before any training step for a tokenizer that would not reload as itself."""
+    options and files, before any training step for a tokenizer that would not reload as itself. Under torchrun
+    every rank runs this; rank 0 writes metrics and checkpoints."""
     from . import checkpoint as ckpt_io
+    from . import distributed
     from .advantages import gather_per_trajectory, mismatch_stats
     from .consolidation import pack
     from .critic import Critic, ValueHead, value_loss
-    from .hf import lm_head_weight
     from .ops import ppo_loss
-    from .scoring import loss_rows, score_batch
+    from .rollout import full_state_dict
+    from .scoring import PackedLM
 
     check_args(args)
+    d = distributed.init(args.device)
+    lead = d.rank == 0
     task, retriever = load_task(args)
     out = Path(args.output_dir)
     ckpt = out / "checkpoint"
-    ckpt_io.recover(ckpt)
+    if lead:
+        ckpt_io.recover(ckpt)
+    d.barrier()
     resuming = ckpt_io.has_state(ckpt)
     model, tok = load_model_and_tokenizer(dataclasses.replace(args, model=str(ckpt)) if resuming else args)
     sample_episodes = episode_sampler(args, task, retriever, tok)
@@ -341,59 +357,93 @@ def main(args: Args):
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    metrics_f = open(out / "metrics.jsonl", "a")  # check_args created the folder
-
-    def log(record: dict):
-        metrics_f.write(json.dumps(record) + "\n")
-        metrics_f.flush()
-
     # trainer state: fresh, or resumed from the checkpoint (the model and tokenizer above were loaded from it)
     state = {"phase": "sft", "sft_step": 0, "rl_step": 0, "py_rng": None}
     saved = None
     if resuming:
         saved = ckpt_io.load_state(ckpt)
         state.update({k: saved[k] for k in state})
-        torch.set_rng_state(saved["torch_rng"])
-        print(f"resuming from {ckpt}: phase {state['phase']}, sft step {state['sft_step']}, rl step {state['rl_step']}")
+        own = saved["ranks"][d.rank] if d.active else saved  # each rank's RNG streams are its own
+        torch.set_rng_state(own["torch_rng"])
+        state["py_rng"] = own["py_rng"]
+        if lead:
+            print(f"resuming from {ckpt}: phase {state['phase']}, sft step {state['sft_step']}, "
+                  f"rl step {state['rl_step']}")
+    if lead:  # what a killed run logged after its last checkpoint is logged again by this one
+        ckpt_io.trim_metrics(out / "metrics.jsonl", state)
+    metrics_f = open(out / "metrics.jsonl", "a") if lead else None  # check_args created the folder
+
+    def log(record: dict):
+        if lead:
+            metrics_f.write(json.dumps(record) + "\n")
+            metrics_f.flush()
+
     model.to(args.device)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed + 7919 * d.rank)  # every rank samples its own episodes
     if state["py_rng"] is not None:
         rng.setstate(state["py_rng"])
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}, "
-          f"mode {args.mode}, output {out}")
+    if lead:
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}, "
+              f"mode {args.mode}, output {out}" + (f", {d.world} ranks (FSDP2)" if d.active else ""))
+    # the policy the trainer updates (sharded under torchrun) and the unsharded copy that rolls out (on one
+    # process, the policy itself: weight sync costs nothing)
+    replica = copy.deepcopy(model) if d.active else model
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = distributed.shard(PackedLM(model), model.get_decoder().layers, d, bf16=args.bf16)
 
-    def checkpoint(optimizer, extra: dict | None = None):
-        state["py_rng"] = rng.getstate()
-        ckpt_io.save(ckpt, model, tok, {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                                        **state, **(extra or {})}, probes)
+    def checkpoint(optimizer, extra=lambda: {}):
+        """Every rank takes part (gathering sharded weights and optimizer state); rank 0 writes."""
+        mine = {"py_rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
+        ranks = d.gather_objects(mine)
+        payload = {"optimizer": distributed.optimizer_state(policy, optimizer, d), "torch_rng": mine["torch_rng"],
+                   **extra()}
+        weights = full_state_dict(model) if d.active else None
+        if lead:
+            state["py_rng"] = mine["py_rng"]
+            payload.update(state)
+            if d.active:
+                payload["ranks"] = ranks
+            ckpt_io.save(ckpt, model, tok, payload, probes, state_dict=weights)
+        d.barrier()
+
+    def passes(batches):
+        """(batch, weight) for this rank's micro-batch passes, padded so every rank runs as many (FSDP2)."""
+        return distributed.pad_passes(batches, d)
 
     # ---- phase 1: supervised warm start on scripted-expert trajectories (synthetic task) ----------------------
     do_sft = args.task == "synthetic" and args.sft_steps > 0 and state["phase"] == "sft"
     if do_sft:
-        opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.98), weight_decay=0.01)
+        opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_lr, betas=(0.9, 0.98), weight_decay=0.01)
         if saved is not None and state["sft_step"] > 0:
-            opt.load_state_dict(saved["optimizer"])
+            distributed.load_optimizer_state(policy, opt, saved["optimizer"], d)
         warm = max(1, args.sft_steps // 10)
         sched = lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / args.sft_steps)))  # noqa: E731
-        bar = tqdm(range(state["sft_step"], args.sft_steps), desc="sft (expert warm start)", dynamic_ncols=True)
+        bar = tqdm(range(state["sft_step"], args.sft_steps), desc="sft (expert warm start)", dynamic_ncols=True,
+                   disable=not lead)
         for step in bar:
             t0 = time.time()
             trajs = [expert_as_trajectory(ep, tok) for ep in sample_episodes(rng, args.sft_batch)]
-            model.train()
-            total_tokens = sum(t.num_generated() for t in trajs)
+            policy.train()
+            total_tokens = d.sum(sum(t.num_generated() for t in trajs))  # over every rank's expert tokens
             loss_sum = 0.0
             for g in opt.param_groups:
                 g["lr"] = args.sft_lr * sched(step)
             opt.zero_grad(set_to_none=True)
-            for batch in pack(trajs, args.mode, args.max_tokens_per_batch):
+            todo = passes(pack(trajs, args.mode, args.max_tokens_per_batch))
+            for i, (batch, w) in enumerate(todo):
                 batch = batch.to(args.device)
-                logp, _ = score_batch(model, batch, 1.0)
+                distributed.set_gradient_sync(policy, i == len(todo) - 1)
+                logp = policy.logprobs(batch, 1.0)
                 loss = -logp.sum() / total_tokens  # mean over every expert token of the step
+                if w * d.loss_scale != 1.0:  # FSDP2 averages gradients over ranks; padding passes count 0
+                    loss = loss * (w * d.loss_scale)
                 loss.backward()
                 loss_sum += loss.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             opt.step()
             state["sft_step"] = step + 1
+            loss_sum = d.sum(loss_sum) / d.world
             bar.set_postfix(loss=f"{loss_sum:.3f}")
             log({"phase": "sft", "step": step + 1, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
                  "tokens_per_s": sum(len(t) for t in trajs) / (time.time() - t0)})
@@ -404,55 +454,72 @@ def main(args: Args):
 
     # ---- phase 2: RL (PPO; advantages from --advantage) -----------------------------------------------------
     state["phase"] = "rl"
-    ref_model = None
+    if d.active:  # the rollout copy starts from the policy as SFT (or the checkpoint) left it
+        replica.load_state_dict(full_state_dict(model))
+    ref_policy = None
     if args.kl_coef > 0:  # the reference is the policy RL started from, kept on disk so a resumed run has it too
-        ref_model = ckpt_io.reference_model(out / "reference", model)
+        ref_model = ckpt_io.reference_model(out / "reference", replica, write=lead, wait=d.barrier)
         ref_model.to(args.device).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        ref_policy = distributed.shard(PackedLM(ref_model), ref_model.get_decoder().layers, d, bf16=args.bf16)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     resumed_rl = saved is not None and saved["phase"] == "rl" and state["rl_step"] > 0
     if resumed_rl:
-        opt.load_state_dict(saved["optimizer"])
+        distributed.load_optimizer_state(policy, opt, saved["optimizer"], d)
     # the critic (gae): a copy of the policy's decoder with a value head, or a head on the policy's own states
     critic = critic_opt = None
     if args.advantage in advantages.CRITIC:
-        critic = ValueHead(model.config.hidden_size) if args.critic == "shared" else Critic.from_policy(model)
+        critic = ValueHead(model.config.hidden_size) if args.critic == "shared" else Critic.from_policy(replica)
         critic.to(args.device)
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.99), weight_decay=0.0)
         if resumed_rl:
             critic.load_state_dict(saved["critic"])
-            critic_opt.load_state_dict(saved["critic_optimizer"])
-    extra_state = lambda: {} if critic is None else {"critic": critic.state_dict(),  # noqa: E731
-                                                     "critic_optimizer": critic_opt.state_dict()}
-    engine = rollout.create(args.engine, model, tok, args.mode, max_new_tokens=args.max_new_tokens,
+        if args.activation_checkpointing and args.critic == "separate":
+            critic.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        critic = distributed.shard(critic, critic.decoder.layers if args.critic == "separate" else [], d,
+                                   bf16=args.bf16)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.99), weight_decay=0.0)
+        if resumed_rl:
+            distributed.load_optimizer_state(critic, critic_opt, saved["critic_optimizer"], d)
+    extra_state = lambda: {} if critic is None else {  # noqa: E731
+        "critic": full_state_dict(critic), "critic_optimizer": distributed.optimizer_state(critic, critic_opt, d)}
+    engine = rollout.create(args.engine, replica, tok, args.mode, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature)
-    recompute_old = args.recompute_old_logprobs or not engine.exact_logprobs  # the engine knows its numerics
+    # the engine knows its numerics; a bf16 trainer never computes what an fp32 engine sampled from
+    recompute_old = args.recompute_old_logprobs or not engine.exact_logprobs or args.bf16
     whiten = args.whiten_advantages == "yes" or (args.whiten_advantages == "auto" and critic is not None)
     eval_rng_seed = args.seed + 10_000
 
     def sample(episodes, greedy: bool, seed: int | None = None):
-        model.eval()
+        replica.eval()
         with torch.no_grad():
             return rollout.run_episodes(engine, tok, episodes, rollout.AgentConfig(max_turns=args.max_turns),
                                         greedy=greedy, seed=seed)
 
     def evaluate(step):
-        episodes = sample_episodes(random.Random(eval_rng_seed), args.eval_episodes)
-        trajs = sample(episodes, greedy=True)
-        rec = {"phase": "eval", "step": step, **episode_metrics(trajs, "eval")}
-        log(rec)
+        """Greedy episodes on rank 0's engine (the others wait)."""
+        rec = None
+        if lead:
+            episodes = sample_episodes(random.Random(eval_rng_seed), args.eval_episodes)
+            trajs = sample(episodes, greedy=True)
+            rec = {"phase": "eval", "step": step, **episode_metrics(trajs, "eval")}
+            log(rec)
+        d.barrier()
         return rec
 
-    def values_of(b, rows=None):
-        """The critic's values of batch b's trained tokens (shared: from the policy rows given)."""
-        return critic(rows) if args.critic == "shared" else critic(b)
+    def values_of(b):
+        """The critic's values of batch b's trained tokens (shared: a head on the policy's rows)."""
+        if args.critic == "shared":
+            return critic(policy(b, lambda rows, w, t: rows))
+        return critic(b)
 
     if state["rl_step"] == 0 and args.eval_every:
         r = evaluate(0)
-        print(f"eval before RL: EM/objective {r['eval/em_per_objective']:.3f}, answered {r['eval/answered']:.2f}")
-    bar = tqdm(range(state["rl_step"], args.steps), desc=f"rl ({args.mode}, {args.advantage})", dynamic_ncols=True)
+        if lead:
+            print(f"eval before RL: EM/objective {r['eval/em_per_objective']:.3f}, answered {r['eval/answered']:.2f}")
+    bar = tqdm(range(state["rl_step"], args.steps), desc=f"rl ({args.mode}, {args.advantage})", dynamic_ncols=True,
+               disable=not lead)
     for step in bar:
         t0 = time.time()
-        # 1. rollouts: each episode repeated group_size times
+        # 1. rollouts: each episode repeated group_size times (on every rank, its own episodes)
         base = sample_episodes(rng, args.episodes_per_step)
         episodes = [ep for ep in base for _ in range(args.group_size)]
         trajs = sample(episodes, greedy=False, seed=rng.randrange(2**31))
@@ -464,16 +531,18 @@ def main(args: Args):
         #    the critic's values at rollout time
         batches = [b.to(args.device) for b in pack(trajs, args.mode, args.max_tokens_per_batch,
                                                    share_question=args.share_question)]
+        todo = passes(batches)
+        each = lambda f: [f(b) for b, _ in todo][:len(batches)]  # noqa: E731  (padding passes: collectives only)
         per_traj = lambda name, xs: gather_per_trajectory(batches, xs, lengths, name)  # noqa: E731
         sampled_lp = [b.old_logprobs[b.loss_positions()] for b in batches]
-        model.eval()
+        policy.eval()
         with torch.no_grad():
-            old = [score_batch(model, b, args.temperature)[0] for b in batches] if recompute_old else sampled_lp
-            ref = [score_batch(ref_model, b, args.temperature)[0] for b in batches] if ref_model else None
+            old = each(lambda b: policy.logprobs(b, args.temperature)) if recompute_old else sampled_lp
+            ref = each(lambda b: ref_policy.logprobs(b, args.temperature)) if ref_policy else None
             if critic is not None:
                 critic.eval()
-                old_v = [values_of(b, loss_rows(model, b)[0] if args.critic == "shared" else None) for b in batches]
-        total_tokens = sum(lengths)
+                old_v = each(values_of)
+        total_tokens = d.sum(sum(lengths))  # the step's trained tokens over all ranks
         stats = {}
         if recompute_old:  # how far the engine's sampling distribution is from the trainer's
             stats.update(mismatch_stats(torch.cat(old), torch.cat(sampled_lp)))
@@ -483,7 +552,7 @@ def main(args: Args):
         kl = None
         if ref is not None and args.kl_in == "reward":
             kl = per_traj("kl", [advantages.kl_penalty(o, r, args.kl_estimator) for o, r in zip(old, ref)])
-            stats["rollout/kl_ref"] = float(sum(k.sum() for k in kl)) / total_tokens
+            stats["rollout/kl_ref"] = float(sum(k.sum() for k in kl)) / sum(lengths)
         returns = None
         if critic is not None:
             adv, returns = advantages.gae(advantages.token_rewards(rewards.tolist(), lengths, kl, args.kl_coef),
@@ -494,16 +563,19 @@ def main(args: Args):
             adv = [per_seq[i].expand(n) for i, n in enumerate(lengths)]
         if recompute_old and args.tis != "off":  # truncated importance sampling: engine -> trainer distribution
             w = advantages.tis_weights(per_traj("old", old), per_traj("sampled", sampled_lp), args.tis, args.tis_cap)
-            stats["mismatch/tis_truncated_frac"] = float(sum((x >= args.tis_cap).sum() for x in w)) / total_tokens
+            stats["mismatch/tis_truncated_frac"] = float(sum((x >= args.tis_cap).sum() for x in w)) / sum(lengths)
             adv = [a * x for a, x in zip(adv, w)]
-        if whiten:
-            adv = advantages.whiten(adv)
-        # loss aggregation: token weights and the normalizer the per-batch losses share
+        if whiten:  # over the trained tokens of every rank
+            adv = advantages.whiten(adv, total=d.sum)
+        # loss aggregation: token weights and the normalizer the per-batch losses share (over all ranks; FSDP2
+        # averages gradients over ranks, so each rank's loss carries the world size)
         if args.loss_agg == "token-mean":
             token_w, normalizer = None, total_tokens
         else:
-            normalizer = len(trajs)
+            normalizer = d.sum(len(trajs))
             token_w = None if args.loss_agg == "seq-mean-token-sum" else [torch.full((n,), 1.0 / n) for n in lengths]
+        if d.active:
+            normalizer = normalizer / d.loss_scale
         adv_b = [advantages.per_token(adv, b).to(args.device) for b in batches]
         tw_b = [None if token_w is None else advantages.per_token(token_w, b).to(args.device) for b in batches]
         ret_b = None if returns is None else [advantages.per_token(returns, b).to(args.device) for b in batches]
@@ -512,33 +584,40 @@ def main(args: Args):
         acc = dict.fromkeys(["loss/policy", "loss/entropy", "loss/approx_kl", "loss/old_approx_kl", "loss/clipfrac"]
                             + (["loss/kl_ref"] if ref is not None and args.kl_in == "loss" else [])
                             + (["loss/value", "value/clipfrac"] if critic is not None else []), 0.0)
-        skipped = critic is None and all(bool((a == 0).all()) for a in adv_b)
+        skipped = critic is None and d.sum(sum(int(bool((a != 0).any())) for a in adv_b)) == 0
         if not skipped:
             engine.sleep()  # free what the engine can hold while the trainer updates
-            model.train()
+            policy.train()
             if critic is not None:
                 critic.train()
-            n = total_tokens * args.ppo_epochs
+            n = sum(lengths) * args.ppo_epochs
             for _ in range(args.ppo_epochs):
                 opt.zero_grad(set_to_none=True)
                 if critic_opt is not None:
                     critic_opt.zero_grad(set_to_none=True)
-                for bi, b in enumerate(batches):
-                    rows, targets = loss_rows(model, b)
-                    # fused: the loss and its gradient w.r.t. the logits come out of one pass over the vocabulary
-                    ploss, logp, ent = ppo_loss(rows, lm_head_weight(model), targets, old[bi], adv_b[bi],
-                                                ref[bi] if ref is not None and args.kl_in == "loss" else None,
-                                                args.temperature, args.clip_eps, args.entropy_coef,
-                                                args.kl_coef if args.kl_in == "loss" else 0.0,
-                                                normalizer=normalizer, token_weights=tw_b[bi])
+                for i, (b, weight) in enumerate(todo):
+                    bi = min(i, len(batches) - 1)
+                    for m in (policy, critic):
+                        distributed.set_gradient_sync(m, i == len(todo) - 1)
+
+                    def fused(rows, w, targets):
+                        # the loss and its gradient w.r.t. the logits come out of one pass over the vocabulary
+                        return rows, ppo_loss(rows, w, targets, old[bi], adv_b[bi],
+                                              ref[bi] if ref is not None and args.kl_in == "loss" else None,
+                                              args.temperature, args.clip_eps, args.entropy_coef,
+                                              args.kl_coef if args.kl_in == "loss" else 0.0,
+                                              normalizer=normalizer, token_weights=tw_b[bi])
+                    rows, (ploss, logp, ent) = policy(b, fused)
                     loss = ploss
                     if critic is not None:
-                        v = values_of(b, rows)
+                        v = critic(rows) if args.critic == "shared" else critic(b)
                         vloss, vclip = value_loss(v, old_v[bi], ret_b[bi], args.vf_clip, tw_b[bi], normalizer)
-                        acc["loss/value"] += float(vloss.detach()) / args.ppo_epochs
-                        acc["value/clipfrac"] += float(vclip) * len(v) / n
                         loss = loss + args.vf_coef * vloss  # the separate critic's graph is its own: no cross terms
+                    if weight != 1.0:  # a padding pass: collectives only
+                        loss = loss * weight
                     loss.backward()
+                    if weight == 0.0:
+                        continue
                     with torch.no_grad():  # CleanRL's statistics: approx_kl is k3, old_approx_kl k1
                         logratio = logp - old[bi]
                         acc["loss/policy"] += float(ploss) / args.ppo_epochs
@@ -547,9 +626,12 @@ def main(args: Args):
                         acc["loss/old_approx_kl"] += float((-logratio).sum()) / n
                         acc["loss/approx_kl"] += float((logratio.exp() - 1 - logratio).sum()) / n
                         if "loss/kl_ref" in acc:
-                            d = ref[bi] - logp
-                            acc["loss/kl_ref"] += float((torch.exp(d) - d - 1).sum()) / n
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                            dr = ref[bi] - logp
+                            acc["loss/kl_ref"] += float((torch.exp(dr) - dr - 1).sum()) / n
+                        if critic is not None:
+                            acc["loss/value"] += float(vloss.detach()) / args.ppo_epochs
+                            acc["value/clipfrac"] += float(vclip) * len(v) / n
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 opt.step()
                 if critic_opt is not None:
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
@@ -564,21 +646,23 @@ def main(args: Args):
         state["rl_step"] = step + 1
         elapsed = time.time() - t0
         rec = {"phase": "rl", "step": step + 1, **episode_metrics(trajs, "rollout"), **stats,
-               "skipped_update": skipped, "trained_tokens": total_tokens, "packed_batches": len(batches),
+               "skipped_update": skipped, "trained_tokens": sum(lengths), "packed_batches": len(batches),
                "packed_tokens": sum(b.num_tokens for b in batches),
                "shared_question_tokens_saved": sum(b.saved_tokens for b in batches),
                "time/rollout_s": t_rollout, "time/step_s": elapsed,
-               "time/trained_tokens_per_s": total_tokens * args.ppo_epochs / max(elapsed - t_rollout, 1e-9)}
+               "time/trained_tokens_per_s": sum(lengths) * args.ppo_epochs / max(elapsed - t_rollout, 1e-9)}
+        rec = distributed.mean_record(rec, d)  # every rank's rollouts and losses
         log(rec)
         bar.set_postfix(reward=f"{rec['rollout/reward']:.2f}", em=f"{rec['rollout/em_per_objective']:.2f}",
                         turns=f"{rec['rollout/turns']:.1f}")
         if args.eval_every and (step + 1) % args.eval_every == 0:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0:
-            checkpoint(opt, extra_state())
-    checkpoint(opt, extra_state())
-    metrics_f.close()
-    print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoint in {ckpt}")
+            checkpoint(opt, extra_state)
+    checkpoint(opt, extra_state)
+    if lead:
+        metrics_f.close()
+        print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoint in {ckpt}")
     return model, tok
 
 

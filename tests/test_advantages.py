@@ -13,6 +13,7 @@ from mem1_fast.scoring import loss_rows
 from mem1_fast.tasks.synthetic import SyntheticTask
 from mem1_fast.tiny import tiny_model_and_tokenizer
 from mem1_fast.train import expert_as_trajectory
+from mem1_fast.trajectory import Kind
 
 
 def gae_by_definition(r, v, gamma, lam):
@@ -160,3 +161,31 @@ def test_critic_values_come_from_the_rows_that_predict_each_token():
     with torch.no_grad():
         next(critic.decoder.parameters()).add_(0.5)
     assert (critic(b).double() - want).abs().max() > 1e-3
+
+
+def test_critic_values_equal_an_unpacked_forward_of_each_turn():
+    """recompute: turn j of a trajectory was sampled in the plain sequence [q | t_{j-1} r_{j-1} i_{j-1} | t_j r_j]
+    at positions 0.. . The critic's packed values (several trajectories in one row, interval visibility) equal
+    the value head on that sequence run alone through the decoder's ordinary causal attention (SDPA)."""
+    from test_pack import groups_of_rollouts
+
+    from mem1_fast.trajectory import GENERATED
+    model, _ = expert_trajs(1)
+    critic = Critic.from_policy(model)
+    torch.manual_seed(2)
+    torch.nn.init.normal_(critic.head.proj.weight, std=0.5)
+    trajs = groups_of_rollouts(n_groups=2, G=3, seed=7)
+    lengths = [t.num_generated() for t in trajs]
+    batches = pack(trajs, "recompute", max(pack([t], "recompute")[0].num_tokens for t in trajs) * 2)
+    with torch.no_grad():
+        packed = A.gather_per_trajectory(batches, [critic(b) for b in batches], lengths)
+        for t, got in zip(trajs, packed):
+            want, prev = [], []
+            for j in range(t.num_turns):
+                gen = [i for s in t.segments if s.turn == j and s.kind in GENERATED for i in s.token_ids]
+                ctx = list(t.prompt.token_ids) + prev
+                ids = torch.tensor(ctx + gen)
+                h = critic.decoder(input_ids=ids[None], position_ids=torch.arange(len(ids))[None]).last_hidden_state[0]
+                want.append(critic.head(h[len(ctx) - 1:len(ids) - 1]))
+                prev = [i for s in t.segments if s.turn == j and s.kind != Kind.PROMPT for i in s.token_ids]
+            torch.testing.assert_close(got.float(), torch.cat(want), rtol=1e-5, atol=1e-5)

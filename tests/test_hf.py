@@ -87,3 +87,26 @@ def test_requires_the_registered_implementation():
     vis, pos = causal_packed([3])
     with pytest.raises(ValueError, match="attn_implementation='mem1_fast'"):
         packed_hidden_states(model, torch.tensor([1, 2, 3]), pos, vis)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "retain"])
+def test_activation_checkpointing_keeps_the_visibility(mode):
+    """With transformers' gradient checkpointing each layer runs again in the backward pass, after the
+    `visibility(...)` block has exited: the layers get the Visibility as their mask argument, so the recomputed
+    attention is the same and so are the gradients (--activation-checkpointing)."""
+    from test_pack import groups_of_rollouts
+
+    from mem1_fast.consolidation import pack
+    from mem1_fast.scoring import PackedLM
+    from mem1_fast.tiny import tiny_model_and_tokenizer
+    b = pack(groups_of_rollouts(n_groups=2, G=2, seed=4), mode)[0]
+    grads = []
+    for ckpt in (False, True):
+        model, _ = tiny_model_and_tokenizer(seed=3)
+        model.train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        PackedLM(model).logprobs(b, 0.7).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 0
+    assert ((grads[1] - grads[0]).abs().max() / grads[0].abs().max()).item() < 1e-6

@@ -1,6 +1,7 @@
 """The trainer end to end on the CPU default (shrunk): metrics, an HF checkpoint, resume, --help."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -282,3 +283,54 @@ def test_a_killed_run_resumes_into_the_same_run(tmp_path, kw, monkeypatch):
     sb = torch.load(parts / "checkpoint" / "trainer_state.pt", weights_only=False)
     if "critic" in sa:
         assert all(torch.equal(sa["critic"][k], sb["critic"][k]) for k in sa["critic"])
+
+
+def test_trim_metrics_drops_what_came_after_the_checkpoint(tmp_path):
+    from mem1_fast.checkpoint import trim_metrics
+    recs = ([{"phase": "sft", "step": s} for s in (1, 2, 3)] + [{"phase": "eval", "step": 0}]
+            + [r for s in (1, 2, 3) for r in ({"phase": "rl", "step": s}, {"phase": "eval", "step": s})])
+    f = tmp_path / "metrics.jsonl"
+    for state, want in ((dict(phase="sft", sft_step=2, rl_step=0), recs[:2]),
+                        (dict(phase="rl", sft_step=3, rl_step=0), recs[:3]),
+                        (dict(phase="rl", sft_step=3, rl_step=2), recs[:8])):
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"phase": "rl", "st')  # a line cut mid-write
+        trim_metrics(f, state)
+        assert [json.loads(line) for line in f.read_text().splitlines()] == want
+
+
+def test_sigkill_mid_run_and_the_same_command_end_where_an_uninterrupted_run_ends(tmp_path):
+    """`kill -9` while RL step 3 runs (or while step 2 is being saved), then the same command again: the final
+    weights, critic and optimizer equal an uninterrupted run's, and metrics.jsonl holds each record once."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "mem1_fast.train", "--sft-steps", "3", "--sft-batch", "4", "--steps", "5",
+           "--episodes-per-step", "2", "--group-size", "2", "--eval-every", "2", "--eval-episodes", "3",
+           "--save-every", "1", "--max-new-tokens", "10", "--advantage", "gae", "--entropy-coef", "0.01"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd + ["--output-dir", str(tmp_path / "whole")], check=True, capture_output=True, env=env,
+                   timeout=600)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    p = subprocess.Popen(cmd + ["--output-dir", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    while not (metrics.is_file() and '"phase": "rl", "step": 2' in metrics.read_text()):
+        assert p.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    subprocess.run(cmd + ["--output-dir", str(tmp_path / "killed")], check=True, capture_output=True, env=env,
+                   timeout=600)
+    strip = lambda run: [{k: v for k, v in json.loads(line).items()  # noqa: E731
+                          if not k.startswith("time/") and k != "tokens_per_s"}
+                         for line in open(tmp_path / run / "metrics.jsonl")]
+    assert strip("killed") == strip("whole")
+    a = torch.load(tmp_path / "whole" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert a["rl_step"] == b["rl_step"] == 5
+    assert all(torch.equal(a["critic"][k], b["critic"][k]) for k in a["critic"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "checkpoint").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / "checkpoint").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -6,8 +6,8 @@
 """
 from . import hf, vllm  # noqa: F401  (register "hf", and "vllm" where vLLM is installed)
 from .agent import AgentConfig, run_episodes
-from .base import Engine, Generation, KVStats, create, names, pairs, register, serves
+from .base import Engine, Generation, KVStats, create, full_state_dict, names, pairs, register, serves
 from .hf import HFEngine
 
-__all__ = ["AgentConfig", "Engine", "Generation", "HFEngine", "KVStats", "create", "names", "pairs", "register",
-           "run_episodes", "serves"]
+__all__ = ["AgentConfig", "Engine", "Generation", "HFEngine", "KVStats", "create", "full_state_dict", "names", "pairs",
+           "register", "run_episodes", "serves"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+import torch
+
 from ..consolidation import MODES, get
 
 
@@ -73,6 +75,13 @@ def split_stops(tokenizer, stop_strings: Sequence[str]) -> tuple[list[int], list
         enc = tokenizer.encode(s, add_special_tokens=False)
         (ids.append(enc[0]) if len(enc) == 1 else strings.append(s))
     return ids, strings
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights as whole tensors: FSDP2-sharded parameters (DTensors) are gathered (a collective: every
+    rank calls it), plain ones are returned as they are."""
+    from torch.distributed.tensor import DTensor
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
 
 
 _ENGINES: dict[str, tuple[Callable[..., Engine], Callable]] = {}

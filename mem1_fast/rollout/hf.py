@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from ..consolidation import EXACT_MODES, get
-from .base import Generation, KVStats, check_prompts, check_sampling, register, split_stops
+from .base import Generation, KVStats, check_prompts, check_sampling, full_state_dict, register, split_stops
 
 QUESTION = -1  # KV tag of the question's slots: never evicted
 
@@ -105,8 +105,8 @@ class HFEngine:
         return self.episodes[i].stats
 
     def sync_weights(self, model) -> None:
-        if model is not self.model:  # another copy of the weights: take them; the same module: nothing to do
-            self.model.load_state_dict(model.state_dict())
+        if model is not self.model:  # another copy of the weights (a sharded trainer's): take them
+            self.model.load_state_dict(full_state_dict(model))
 
     def sleep(self) -> None:  # the cache lives only inside step(); nothing is held between turns but compact KV
         pass

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from ..consolidation import get
-from .base import Generation, KVStats, check_prompts, check_sampling, register, split_stops
+from .base import Generation, KVStats, check_prompts, check_sampling, full_state_dict, register, split_stops
 
 
 def available() -> bool:
@@ -141,7 +141,7 @@ class VLLMEngine:
         return self.episodes[i]["stats"]
 
     def sync_weights(self, model) -> None:
-        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
+        weights = list(full_state_dict(model).items())
         if "lm_head.weight" not in dict(weights) and getattr(model.config, "tie_word_embeddings", False):
             weights.append(("lm_head.weight", model.get_input_embeddings().weight.detach()))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
