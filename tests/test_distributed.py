@@ -26,14 +26,14 @@ def torchrun(args, tmp_path, timeout=300):
 
 def test_sharded_update_equals_one_process_update(tmp_path):
     """Policy (fused PPO loss on the tied LM head) and critic, FSDP2 over 2 ranks with 1 and 5 packed batches
-    (the first rank runs 4 padding passes): gradients and updated weights equal the unsharded update on all 8
-    trajectories; without the world-size loss scale the gradients are half (negative control)."""
+    (the first rank runs 4 padding passes), three steps: gradients and weights equal the unsharded updates on all 8
+    trajectories; without the world-size loss scale they are not (negative control)."""
     torchrun([str(HERE / "dist_worker.py"), str(tmp_path)], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["world"] == 2 and r["sharded"].startswith("FSDP") and r["passes"] == 5
         assert r["max_grad_rel_diff"] < 1e-5 and r["max_param_diff"] < 1e-6 < r["moved"]
-        assert abs(r["unscaled_grad_rel_diff"] - 0.5) < 1e-3
+        assert r["unscaled_grad_rel_diff"] > 0.3  # half the gradient at the first step, then apart
     assert sorted(r["batches"] for r in ranks) == [1, 5]
 
 

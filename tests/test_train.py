@@ -334,3 +334,25 @@ def test_sigkill_mid_run_and_the_same_command_end_where_an_uninterrupted_run_end
     wa = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "checkpoint").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / "checkpoint").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_tensorboard_events_hold_the_metrics_of_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train.main(small_args(tmp_path, steps=2, tensorboard=True))
+    ev = EventAccumulator(str(tmp_path / "tensorboard"))
+    ev.Reload()
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    for tag, phase, key in (("sft/loss", "sft", "loss"), ("loss/entropy", "rl", "loss/entropy"),
+                            ("eval/answered", "eval", "eval/answered"), ("rl/trained_tokens", "rl", "trained_tokens")):
+        got = [(e.step, e.value) for e in ev.Scalars(tag)]
+        want = [(r["step"], pytest.approx(float(r[key]), rel=1e-6)) for r in recs if r["phase"] == phase]
+        assert got == want, tag
+
+
+def test_wandb_without_wandb_is_a_usage_error(tmp_path):
+    from mem1_fast.metrics import available
+    if available("wandb"):
+        pytest.skip("wandb is installed")
+    with pytest.raises(train.UsageError, match="--wandb-project: wandb is not installed"):
+        train.check_args(small_args(tmp_path, wandb_project="mem1"))
