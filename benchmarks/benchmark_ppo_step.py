@@ -88,11 +88,15 @@ def mem1_fast_update(model, critic, trajs, adv, ret, opt, copt):
                                                                 normalizer=n))
     v = critic(b)
     vloss, _ = value_loss(v, v.detach(), r, 0.0, None, n)
+    return _apply(loss, vloss, opt, copt)
+
+
+def _apply(loss, vloss, opt, copt):
+    """Backward of policy + value loss, then both optimizers' steps (the same for both paths)."""
     (loss + vloss).backward()
-    opt.step()
-    copt.step()
-    opt.zero_grad(set_to_none=True)
-    copt.zero_grad(set_to_none=True)
+    for o in (opt, copt):
+        o.step()
+        o.zero_grad(set_to_none=True)
     return float(loss), float(vloss)
 
 
@@ -137,12 +141,7 @@ def mem1_style_update(model, critic, trajs, adv, ret, opt, copt):
     h = critic.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
     v = critic.head(h)[:, :-1]
     vloss = 0.5 * (((v - r[:, 1:]) ** 2) * m).sum() / n
-    (loss + vloss).backward()
-    opt.step()
-    copt.step()
-    opt.zero_grad(set_to_none=True)
-    copt.zero_grad(set_to_none=True)
-    return float(loss), float(vloss)
+    return _apply(loss, vloss, opt, copt)
 
 
 def worker(variant: str) -> dict:
