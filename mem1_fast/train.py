@@ -115,6 +115,8 @@ class Args:
     """truncation of the importance weights"""
     ppo_epochs: int = 1
     """passes over each step's rollouts"""
+    ppo_minibatches: int = 1
+    """optimizer steps per pass: the step's trajectories are split into this many mini-batches (MEM1 takes 2)"""
     max_tokens_per_batch: int = 8192
     """token budget of one packed forward (trajectories are never split)"""
     share_question: bool = False
@@ -166,11 +168,14 @@ def check_args(args: Args) -> None:
         if not ok:
             raise UsageError(f"{option}: {problem}")
 
-    least = dict(steps=0, episodes_per_step=1, max_new_tokens=1, ppo_epochs=1, max_tokens_per_batch=1,
-                 sft_steps=0, sft_batch=1, sft_save_every=1, eval_every=0, eval_episodes=1, save_every=1, threads=0,
-                 topk=1, max_turns=1, obs_max_tokens=1)
+    least = dict(steps=0, episodes_per_step=1, max_new_tokens=1, ppo_epochs=1, ppo_minibatches=1,
+                 max_tokens_per_batch=1, sft_steps=0, sft_batch=1, sft_save_every=1, eval_every=0, eval_episodes=1,
+                 save_every=1, threads=0, topk=1, max_turns=1, obs_max_tokens=1)
     for name, lo in least.items():
         need(getattr(args, name) >= lo, "--" + name.replace("_", "-"), f"{getattr(args, name)} must be >= {lo}")
+    need(args.ppo_minibatches <= args.episodes_per_step * args.group_size, "--ppo-minibatches",
+         f"{args.ppo_minibatches}: more mini-batches than the step's {args.episodes_per_step * args.group_size} "
+         "trajectories (--episodes-per-step x --group-size)")
     need(args.group_size >= 2 or args.advantage in advantages.CRITIC, "--group-size",
          f"{args.group_size}: {args.advantage} compares the rollouts of a group, so a group of one gives every "
          "rollout advantage 0; use 2 or more (or --advantage gae)")
@@ -546,8 +551,16 @@ def main(args: Args):
         # 2. pack in the mode's exact layout, then score what the update needs, per trajectory in sampling order:
         #    old log-probs (the sampled ones in an exact mode, unless the engine's numerics differ), the reference's,
         #    the critic's values at rollout time
-        batches = [b.to(args.device) for b in pack(trajs, args.mode, args.max_tokens_per_batch,
-                                                   share_question=args.share_question)]
+        #    (each PPO mini-batch of trajectories packed on its own; trajectory ids stay the step's)
+        minibatches = [(len(trajs) * m // args.ppo_minibatches, len(trajs) * (m + 1) // args.ppo_minibatches)
+                       for m in range(args.ppo_minibatches)]
+        batches, mb_of = [], []
+        for m, (lo, hi) in enumerate(minibatches):
+            for b in pack(trajs[lo:hi], args.mode, args.max_tokens_per_batch, share_question=args.share_question):
+                if lo:
+                    b.traj_ids += lo
+                batches.append(b.to(args.device))
+                mb_of.append(m)
         todo = passes(batches)
         each = lambda f: [f(b) for b, _ in todo][:len(batches)]  # noqa: E731  (padding passes: collectives only)
         per_traj = lambda name, xs: gather_per_trajectory(batches, xs, lengths, name)  # noqa: E731
@@ -584,15 +597,15 @@ def main(args: Args):
             adv = [a * x for a, x in zip(adv, w)]
         if whiten:  # over the trained tokens of every rank
             adv = advantages.whiten(adv, total=d.sum)
-        # loss aggregation: token weights and the normalizer the per-batch losses share (over all ranks; FSDP2
-        # averages gradients over ranks, so each rank's loss carries the world size)
+        # loss aggregation: token weights and the normalizer each mini-batch's losses share (over all ranks;
+        # FSDP2 averages gradients over ranks, so each rank's loss carries the world size)
         if args.loss_agg == "token-mean":
-            token_w, normalizer = None, total_tokens
+            token_w, normalizers = None, [d.sum(sum(lengths[lo:hi])) for lo, hi in minibatches]
         else:
-            normalizer = d.sum(len(trajs))
+            normalizers = [d.sum(hi - lo) for lo, hi in minibatches]
             token_w = None if args.loss_agg == "seq-mean-token-sum" else [torch.full((n,), 1.0 / n) for n in lengths]
         if d.active:
-            normalizer = normalizer / d.loss_scale
+            normalizers = [x / d.loss_scale for x in normalizers]
         adv_b = [advantages.per_token(adv, b).to(args.device) for b in batches]
         tw_b = [None if token_w is None else advantages.per_token(token_w, b).to(args.device) for b in batches]
         ret_b = None if returns is None else [advantages.per_token(returns, b).to(args.device) for b in batches]
@@ -607,15 +620,17 @@ def main(args: Args):
             policy.train()
             if critic is not None:
                 critic.train()
-            n = sum(lengths) * args.ppo_epochs
-            for _ in range(args.ppo_epochs):
+            n, k = sum(lengths) * args.ppo_epochs, args.ppo_epochs * args.ppo_minibatches
+            for _, mb in ((e, m) for e in range(args.ppo_epochs) for m in range(args.ppo_minibatches)):
                 opt.zero_grad(set_to_none=True)
                 if critic_opt is not None:
                     critic_opt.zero_grad(set_to_none=True)
-                for i, (b, weight) in enumerate(todo):
-                    bi = min(i, len(batches) - 1)
+                normalizer = normalizers[mb]
+                mb_todo = passes([bi for bi in range(len(batches)) if mb_of[bi] == mb])
+                for i, (bi, weight) in enumerate(mb_todo):
+                    b = batches[bi]
                     for m in (policy, critic):
-                        distributed.set_gradient_sync(m, i == len(todo) - 1)
+                        distributed.set_gradient_sync(m, i == len(mb_todo) - 1)
 
                     def fused(rows, w, targets):
                         # the loss and its gradient w.r.t. the logits come out of one pass over the vocabulary
@@ -637,7 +652,7 @@ def main(args: Args):
                         continue
                     with torch.no_grad():  # CleanRL's statistics: approx_kl is k3, old_approx_kl k1
                         logratio = logp - old[bi]
-                        acc["loss/policy"] += float(ploss) / args.ppo_epochs
+                        acc["loss/policy"] += float(ploss) / k
                         acc["loss/clipfrac"] += float(((logratio.exp() - 1).abs() > args.clip_eps).sum()) / n
                         acc["loss/entropy"] += float(ent.sum()) / n
                         acc["loss/old_approx_kl"] += float((-logratio).sum()) / n
@@ -646,7 +661,7 @@ def main(args: Args):
                             dr = ref[bi] - logp
                             acc["loss/kl_ref"] += float((torch.exp(dr) - dr - 1).sum()) / n
                         if critic is not None:
-                            acc["loss/value"] += float(vloss.detach()) / args.ppo_epochs
+                            acc["loss/value"] += float(vloss.detach()) / k
                             acc["value/clipfrac"] += float(vclip) * len(v) / n
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 opt.step()

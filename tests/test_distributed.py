@@ -38,11 +38,12 @@ def test_sharded_update_equals_one_process_update(tmp_path):
 
 
 def test_torchrun_trains_and_resumes_into_the_same_run(tmp_path):
-    """gae with a separate critic and a KL reference, 2 ranks: rank 0 writes one metrics file and an HF
-    checkpoint; stopped after RL step 1 and resumed, the run logs what the uninterrupted one logs."""
+    """gae with a separate critic, a KL reference and 2 PPO mini-batches, 2 ranks: rank 0 writes one metrics
+    file and an HF checkpoint; stopped after RL step 1 and resumed, the run logs what the uninterrupted one logs."""
     common = ["-m", "mem1_fast.train", "--sft-steps", "3", "--sft-batch", "4", "--episodes-per-step", "2",
               "--group-size", "2", "--eval-every", "1", "--eval-episodes", "3", "--save-every", "1",
-              "--max-new-tokens", "10", "--advantage", "gae", "--kl-coef", "0.1", "--entropy-coef", "0.01"]
+              "--max-new-tokens", "10", "--advantage", "gae", "--kl-coef", "0.1", "--entropy-coef", "0.01",
+              "--ppo-minibatches", "2"]
     torchrun(common + ["--output-dir", "whole", "--steps", "3"], tmp_path)
     torchrun(common + ["--output-dir", "parts", "--steps", "1"], tmp_path)
     torchrun(common + ["--output-dir", "parts", "--steps", "3"], tmp_path)

@@ -172,7 +172,8 @@ def rl_records(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl") if json.loads(line)["phase"] != "sft"]
 
 
-@pytest.mark.parametrize("kw", [dict(advantage="gae"), dict(advantage="gae", critic="shared", gamma=0.99, lam=0.95),
+@pytest.mark.parametrize("kw", [dict(advantage="gae"), dict(advantage="gae", critic="shared", gamma=0.99, lam=0.95,
+                                                            ppo_minibatches=2, ppo_epochs=2),
                                 dict(advantage="rloo", loss_agg="seq-mean-token-mean"),
                                 dict(advantage="grpo", loss_agg="seq-mean-token-sum", kl_coef=0.1, kl_in="reward",
                                      kl_estimator="k1", share_question=True)],
@@ -194,6 +195,9 @@ def test_estimators_train_and_log_their_metrics(tmp_path, kw):
         assert (saved > 0) == bool(kw.get("share_question")) and r["packed_tokens"] > 0
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert ("critic" in state) == (kw["advantage"] == "gae")
+    if kw["advantage"] == "gae":  # never skipped: one optimizer step per mini-batch per epoch per RL step
+        steps = {int(v["step"]) for v in state["optimizer"]["state"].values()}
+        assert steps == {2 * kw.get("ppo_epochs", 1) * kw.get("ppo_minibatches", 1)}
 
 
 def test_gae_critic_learns_the_value_of_a_fixed_reward(tmp_path, monkeypatch):
