@@ -70,6 +70,14 @@ class LayoutBuilder:
     def __init__(self):
         self.rows, self.cursor = [], 0
 
+    @classmethod
+    def starting_with_question(cls, traj: Trajectory) -> tuple["LayoutBuilder", int]:
+        """A builder whose first rows are the question at positions 0.., causal among themselves (every mode's row
+        begins so, which lets `pack(share_question=True)` keep one copy per group), and the question's length."""
+        b = cls()
+        b.emit(traj.prompt.token_ids, Kind.PROMPT, 0, 0, [(0, CAUSAL)])
+        return b, len(traj.prompt)
+
     def emit(self, ids, kind: Kind, turn: int, pos_start: int, intervals, loss: bool = False, lps=None) -> int:
         """Append the tokens; returns where they start in the row."""
         n, start = len(ids), self.cursor

@@ -14,8 +14,7 @@ class Paper(ConsolidationMode):
     kv_plan = None
 
     def layout(self, traj: Trajectory) -> Layout:
-        b, Q = LayoutBuilder(), len(traj.prompt)
-        b.emit(traj.prompt.token_ids, Kind.PROMPT, 0, 0, [(0, CAUSAL)])
+        b, Q = LayoutBuilder.starting_with_question(traj)
         seg_start: dict[tuple[int, int], int] = {}
         turn_start: dict[int, int] = {}
         pos = Q

@@ -5,7 +5,7 @@ Rollout: turn j's prompt is [q | t_{j-1} r_{j-1} i_{j-1}], encoded after the que
 B_j = [copy of t_{j-1} r_{j-1} i_{j-1} | t_j r_j]; B_j sees q and itself; positions restart at |q| in every B_j;
 loss on t_j r_j only (never on the copy).
 """
-from ..trajectory import GENERATED, Kind, Trajectory
+from ..trajectory import GENERATED, Trajectory
 from .base import CAUSAL, ConsolidationMode, KVPlan, Layout, LayoutBuilder, logprobs_of, register
 
 
@@ -15,8 +15,7 @@ class Recompute(ConsolidationMode):
     kv_plan = KVPlan(kept_turns=0, reencode_last_turn=True, restart_positions=True, feed_last_token=False)
 
     def layout(self, traj: Trajectory) -> Layout:
-        b, Q = LayoutBuilder(), len(traj.prompt)
-        b.emit(traj.prompt.token_ids, Kind.PROMPT, 0, 0, [(0, CAUSAL)])
+        b, Q = LayoutBuilder.starting_with_question(traj)
         segs, prev = traj.segments[1:], []
         for j in range(traj.num_turns):
             start, pos = b.cursor, Q

@@ -15,8 +15,7 @@ class Retain(ConsolidationMode):
     kv_plan = KVPlan(kept_turns=1, reencode_last_turn=False, restart_positions=False, feed_last_token=True)
 
     def layout(self, traj: Trajectory) -> Layout:
-        b, Q = LayoutBuilder(), len(traj.prompt)
-        b.emit(traj.prompt.token_ids, Kind.PROMPT, 0, 0, [(0, CAUSAL)])
+        b, Q = LayoutBuilder.starting_with_question(traj)
         turn_start: dict[int, int] = {}
         pos = Q
         for s in traj.segments[1:]:
