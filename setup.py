@@ -144,7 +144,7 @@ setup(
     package_dir=package_dir,
     # exact versions: the trainer's figures depend on torch's numerics and transformers/tokenizers' tokenization
     install_requires=_pinned("torch", "triton", "transformers", "tokenizers", "safetensors", "huggingface-hub",
-                             "bm25s", "pyarrow", "tqdm", "tyro", "numpy", "scipy", "fastapi", "uvicorn"),
+                             "bm25s", "pyarrow", "tqdm", "tyro", "numpy", "scipy", "fastapi", "uvicorn", "matplotlib"),
     extras_require={
         "test": _pinned("pytest", "pytest-benchmark", "hypothesis"),
         "gpu": _pinned("vllm", "xformers"),

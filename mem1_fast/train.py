@@ -48,7 +48,8 @@ class Args:
     model: str = ""
     """local HF model directory; empty = a tiny Llama built offline over the synthetic task's vocabulary"""
     mode: Literal[EXACT_MODES] = "recompute"
-    """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout"""
+    """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout; 'full' is the
+    full-context baseline (every turn keeps the whole history)"""
     engine: Literal[rollout.names()] = "hf"
     """rollout engine: 'hf' runs the trainer's own model (exact log-probs)"""
     task: str = "synthetic"
@@ -65,9 +66,12 @@ class Args:
     """token budget of one observation for parquet tasks (documents are cut to fit, tags and hint kept)"""
     n_min: int = 1
     """fewest objectives (questions) per synthetic episode"""
-    n_max: int = 2
-    """most objectives per synthetic episode"""
-    steps: int = 30
+    n_max: int = 4
+    """most objectives per synthetic episode (training never sees more; evaluation goes past it)"""
+    rl_n_min: int = 0
+    """synthetic task: fewest objectives of an RL episode (0 = max(--n-min, --n-max - 1)): RL samples where the warm
+    start still errs, with MEM1's budget of 2N + 2 turns"""
+    steps: int = 60
     """RL steps"""
     episodes_per_step: int = 16
     """distinct task episodes per step"""
@@ -126,17 +130,24 @@ class Args:
     its log-probs are not the trainer's (e.g. bf16 vLLM vs fp32 training)"""
     sft_steps: int = 1000
     """synthetic task only: supervised warm start on scripted-expert trajectories before RL (1000 steps: about 8
-    minutes on 2 CPU cores, after which the tiny model solves 1-2 objective episodes)"""
+    minutes on 2 CPU cores)"""
     sft_batch: int = 32
     """expert episodes per SFT step"""
     sft_lr: float = 2e-3
     """SFT learning rate (AdamW, linear warm-up then cosine)"""
+    sft_position_jitter: int = 64
+    """SFT only: every expert trajectory's tokens after the question get their positions shifted by a random
+    0..this (PoSE-style skipped positions), so the lookups into the question are learned at the distances that
+    episodes with more objectives have; RL and evaluation use the engine's exact positions"""
     sft_save_every: int = 100
     """SFT steps between checkpoints"""
-    eval_every: int = 10
+    eval_every: int = 30
     """RL steps between greedy evaluations (0 = never)"""
     eval_episodes: int = 64
-    """fresh episodes per evaluation"""
+    """fresh episodes per evaluation (synthetic: per number of objectives)"""
+    eval_objectives: str = "1,2,4,8"
+    """synthetic task: the numbers of objectives each evaluation covers (comma-separated; may lie past --n-max),
+    each with MEM1's test budget of 2N + 2 turns"""
     save_every: int = 10
     """RL steps between checkpoints (a final one is always written)"""
     tensorboard: bool = True
@@ -169,7 +180,7 @@ def check_args(args: Args) -> None:
             raise UsageError(f"{option}: {problem}")
 
     least = dict(steps=0, episodes_per_step=1, max_new_tokens=1, ppo_epochs=1, ppo_minibatches=1,
-                 max_tokens_per_batch=1, sft_steps=0, sft_batch=1, sft_save_every=1, eval_every=0, eval_episodes=1,
+                 max_tokens_per_batch=1, sft_steps=0, sft_batch=1, sft_save_every=1, sft_position_jitter=0, eval_every=0, eval_episodes=1,
                  save_every=1, threads=0, topk=1, max_turns=1, obs_max_tokens=1)
     for name, lo in least.items():
         need(getattr(args, name) >= lo, "--" + name.replace("_", "-"), f"{getattr(args, name)} must be >= {lo}")
@@ -197,8 +208,12 @@ def check_args(args: Args) -> None:
     if args.task == "synthetic":
         need(args.n_min >= 1, "--n-min", f"{args.n_min}: an episode needs at least 1 objective")
         need(args.n_max >= args.n_min, "--n-max", f"{args.n_max} is smaller than --n-min {args.n_min}")
+        need(args.rl_n_min == 0 or args.n_min <= args.rl_n_min <= args.n_max, "--rl-n-min",
+             f"{args.rl_n_min} must lie in --n-min..--n-max ({args.n_min}..{args.n_max}) or be 0")
         need(2 * args.n_max + 2 <= MAX_TURNS, "--n-max", f"{args.n_max}: 2N + 2 turns must fit the task's "
              f"{MAX_TURNS}-turn limit (N <= {(MAX_TURNS - 2) // 2})")
+        from .eval import parse_objectives
+        parse_objectives(args.eval_objectives, "--eval-objectives")
         need(not args.corpus and not args.retriever_url, "--corpus/--retriever-url",
              "the synthetic task builds its own documents per episode; these options are for parquet tasks")
     else:
@@ -237,8 +252,9 @@ def check_args(args: Args) -> None:
 def load_task(args: Args):
     """The task's data, read and checked: the synthetic task, or the parquet examples with their retriever."""
     if args.task == "synthetic":
-        from .tasks.synthetic import SyntheticTask
-        return SyntheticTask(seed=args.seed, n_range=(args.n_min, args.n_max)), None
+        from .tasks.synthetic import MAX_TURNS, SyntheticTask
+        # every turn budget up to the task's limit, so no hint number is new when evaluated at a larger N
+        return SyntheticTask(seed=args.seed, n_range=(args.n_min, args.n_max), slack=(2, MAX_TURNS)), None
     from .retrieval import BM25Retriever, HttpRetriever, load_corpus
     from .tasks.qa import load_mem1_parquet
     path = Path(args.task)
@@ -294,14 +310,19 @@ def episode_sampler(args: Args, task, retriever, tok):
     """`sample(rng, n) -> list[episode]` over the loaded task."""
     if retriever is None:
         return lambda rng, n: [task.sample(rng) for _ in range(n)]
+    make = qa_episode_maker(args, retriever, tok)
+    return lambda rng, n: [make(rng.choice(task)) for _ in range(n)]
+
+
+def qa_episode_maker(args: Args, retriever, tok):
+    """`make(example) -> QAEpisode`: a parquet row bound to the retriever, rendered as MEM1 renders it."""
     from .tasks.qa import QAEpisode
     # MEM1 applies the chat template with a generation prompt; all turns continue inside that assistant turn
     render = (lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)) \
         if getattr(tok, "chat_template", None) else None
     count = lambda s: len(tok.encode(s, add_special_tokens=False))  # noqa: E731
-    return lambda rng, n: [QAEpisode.from_example(rng.choice(task), retriever, render, topk=args.topk,
-                                                  max_turns=args.max_turns, obs_budget=args.obs_max_tokens,
-                                                  count_tokens=count) for _ in range(n)]
+    return lambda ex: QAEpisode.from_example(ex, retriever, render, topk=args.topk, max_turns=args.max_turns,
+                                             obs_budget=args.obs_max_tokens, count_tokens=count)
 
 
 def probe_texts(sample_episodes, tok) -> list[str]:
@@ -317,22 +338,8 @@ def probe_texts(sample_episodes, tok) -> list[str]:
 
 # --- the pieces every phase shares ----------------------------------------------------------------------------
 def episode_metrics(trajs, prefix: str) -> dict:
-    n = len(trajs)
-    objectives = sum(t.info.n_objectives for t in trajs)
-    m = {
-        "em_per_objective": sum(t.info.em for t in trajs) / max(objectives, 1),
-        "f1_per_objective": sum(t.info.f1 for t in trajs) / max(objectives, 1),
-        "reward": sum(t.reward for t in trajs) / n,
-        "answered": sum(t.info.answered for t in trajs) / n,
-        "valid": sum(t.info.valid for t in trajs) / n,
-        "turns": sum(t.info.turns for t in trajs) / n,
-        "searches": sum(t.info.searches for t in trajs) / n,
-        "peak_kv_tokens": sum(t.info.peak_kv_tokens for t in trajs) / n,
-        "prefilled_tokens": sum(t.info.prefilled_tokens for t in trajs) / n,
-        "reencoded_tokens": sum(t.info.reencoded_tokens for t in trajs) / n,
-        "generated_tokens": sum(t.num_generated() for t in trajs) / n,
-    }
-    return {f"{prefix}/{k}": v for k, v in m.items()}
+    from .eval import summarize
+    return {f"{prefix}/{k}": v for k, v in summarize(trajs).items() if k != "episodes"}
 
 
 def main(args: Args):
@@ -344,6 +351,8 @@ def main(args: Args):
     from .advantages import gather_per_trajectory, mismatch_stats
     from .consolidation import pack
     from .critic import Critic, ValueHead, value_loss
+    from .eval import evaluate as evaluate_episodes
+    from .eval import parse_objectives, synthetic_episodes
     from .ops import ppo_loss
     from .rollout import full_state_dict
     from .scoring import PackedLM
@@ -360,6 +369,12 @@ def main(args: Args):
     resuming = ckpt_io.has_state(ckpt)
     model, tok = load_model_and_tokenizer(dataclasses.replace(args, model=str(ckpt)) if resuming else args)
     sample_episodes = episode_sampler(args, task, retriever, tok)
+    if retriever is None:  # RL on the synthetic task: the largest trained N, MEM1's turn budget
+        from .tasks.synthetic import SyntheticTask
+        lo = args.rl_n_min or max(args.n_min, args.n_max - 1)
+        rl_episodes = episode_sampler(args, SyntheticTask(seed=args.seed, n_range=(lo, args.n_max)), None, tok)
+    else:
+        rl_episodes = sample_episodes
     probes = probe_texts(sample_episodes, tok)
     why = ckpt_io.reload_mismatch(tok, probes, config=model.config)  # checkpoints must reload as this: say so now
     if why:
@@ -419,7 +434,7 @@ def main(args: Args):
         mine = {"py_rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
         ranks = d.gather_objects(mine)
         payload = {"optimizer": distributed.optimizer_state(policy, optimizer, d), "torch_rng": mine["torch_rng"],
-                   **extra()}
+                   "args": dataclasses.asdict(args), **extra()}
         weights = full_state_dict(model) if d.active else None
         if lead:
             state["py_rng"] = mine["py_rng"]
@@ -453,7 +468,9 @@ def main(args: Args):
                 g["lr"] = args.sft_lr * sched(step)
             opt.zero_grad(set_to_none=True)
             todo = passes(pack(trajs, args.mode, args.max_tokens_per_batch))
+            gaps = torch.randint(0, args.sft_position_jitter + 1, (len(trajs),))
             for i, (batch, w) in enumerate(todo):
+                skip_positions(batch, gaps)
                 batch = batch.to(args.device)
                 distributed.set_gradient_sync(policy, i == len(todo) - 1)
                 logp = policy.logprobs(batch, 1.0)
@@ -509,6 +526,7 @@ def main(args: Args):
     recompute_old = args.recompute_old_logprobs or not engine.exact_logprobs or args.bf16
     whiten = args.whiten_advantages == "yes" or (args.whiten_advantages == "auto" and critic is not None)
     eval_rng_seed = args.seed + 10_000
+    eval_ns = parse_objectives(args.eval_objectives, "--eval-objectives") if args.task == "synthetic" else []
 
     def sample(episodes, greedy: bool, seed: int | None = None):
         replica.eval()
@@ -517,12 +535,21 @@ def main(args: Args):
                                         greedy=greedy, seed=seed)
 
     def evaluate(step):
-        """Greedy episodes on rank 0's engine (the others wait)."""
+        """Greedy episodes on rank 0's engine (the others wait), summarized by mem1_fast.eval: for the synthetic
+        task fresh episodes at each N of --eval-objectives (held-out N too), else the task's own."""
         rec = None
         if lead:
-            episodes = sample_episodes(random.Random(eval_rng_seed), args.eval_episodes)
-            trajs = sample(episodes, greedy=True)
-            rec = {"phase": "eval", "step": step, **episode_metrics(trajs, "eval")}
+            if args.task == "synthetic":
+                groups = {f"n{n}/": synthetic_episodes(n, args.eval_episodes, eval_rng_seed) for n in eval_ns}
+            else:
+                groups = {"": sample_episodes(random.Random(eval_rng_seed), args.eval_episodes)}
+            rec, everything = {"phase": "eval", "step": step}, []
+            replica.eval()
+            for key, episodes in groups.items():
+                m, trajs = evaluate_episodes(engine, tok, episodes, args.max_turns)
+                everything += trajs
+                rec.update({f"eval/{key}{k}": v for k, v in m.items() if key and k != "episodes"})
+            rec.update(episode_metrics(everything, "eval"))  # pooled over every group
             log(rec)
         d.barrier()
         return rec
@@ -542,7 +569,7 @@ def main(args: Args):
     for step in bar:
         t0 = time.time()
         # 1. rollouts: each episode repeated group_size times (on every rank, its own episodes)
-        base = sample_episodes(rng, args.episodes_per_step)
+        base = rl_episodes(rng, args.episodes_per_step)
         episodes = [ep for ep in base for _ in range(args.group_size)]
         trajs = sample(episodes, greedy=False, seed=rng.randrange(2**31))
         t_rollout = time.time() - t0
@@ -698,6 +725,13 @@ def main(args: Args):
             sink.close()
         print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoint in {ckpt}")
     return model, tok
+
+
+def skip_positions(batch, gaps: torch.Tensor) -> None:
+    """Shift the positions of every token after its trajectory's question by the trajectory's gap (in place)."""
+    from .trajectory import Kind
+    after = batch.kind != int(Kind.PROMPT)
+    batch.position_ids[after] += gaps[batch.traj_ids[after]]
 
 
 def expert_as_trajectory(episode, tok):

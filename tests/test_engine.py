@@ -119,9 +119,10 @@ def test_engine_uses_the_current_cache_api(model_tok, mode):
     assert not bad, [f"{w.category.__name__}: {w.message}" for w in bad]
 
 
-@pytest.mark.parametrize("mode", ["recompute", "retain"])
+@pytest.mark.parametrize("mode", ["recompute", "retain", "full"])
 def test_kv_accounting_follows_the_mode_plan(model_tok, mode):
-    """recompute re-encodes the last generation every turn; retain encodes only the new observation."""
+    """recompute re-encodes the last generation every turn; retain and full encode only the new observation; full
+    never evicts."""
     model, tok = model_tok
     rng = random.Random(4)
     eng = HFEngine(model, tok, mode, max_new_tokens=6, temperature=1.0, seed=2)
@@ -140,6 +141,9 @@ def test_kv_accounting_follows_the_mode_plan(model_tok, mode):
         reencoded = sum(gen_lens[:-1]) if mode == "recompute" else 0
         assert st.reencoded_tokens == reencoded
         assert st.prefilled_tokens == len(prompts[i]) + sum(obs_lens) + reencoded
+        if mode == "full":  # the whole history, every sampled token's KV included
+            assert st.peak_kv_tokens == len(prompts[i]) + sum(gen_lens) + sum(obs_lens)
+            continue
         # what the next turn may see, at most: q + the last turn (+ its observation), never the whole history
         longest_turn = max(g + o for g, o in zip(gen_lens[1:], obs_lens))
         assert len(prompts[i]) < st.peak_kv_tokens <= len(prompts[i]) + max(gen_lens) + longest_turn

@@ -296,8 +296,35 @@ def test_expert_succeeds_through_retriever():
         s = score_answers(final.content, ep.targets)
         assert s.em == ep.n and s.n_pred == ep.n
         # the state lists exactly the answers found so far, in order
-        assert final.think == "found " + " ".join(t[0] for t in ep.targets) + " ; done"
+        assert final.think == "found " + " ".join(t[0] for t in ep.targets) + " ; at done"
     assert hops > 300  # 2-hop questions were exercised
+
+
+def test_lookups_have_a_fixed_shape_at_every_n():
+    """What makes the protocol length-invariant: the next question's subject is always SLOT tokens after the
+    current one (the last one's successor is `done`), and answers and subjects are distinct words."""
+    for n in (1, 4, 16):
+        task = syn.SyntheticTask(seed=n, n_range=(n, n))
+        for _ in range(30):
+            ep = task.sample()
+            words = ep.prompt.split()
+            assert len(words) == syn.SLOT * n + 2 and " ".join(words[-2:]) == syn.END
+            subjects = [s for s, _ in ep.plan]
+            assert [words[syn.SLOT * k + 1] for k in range(n + 1)] == subjects + ["done"]
+            answers = [t[0] for t in ep.targets]
+            assert len(set(subjects + answers)) == 2 * n
+            for k, (s, rels) in enumerate(ep.plan):
+                assert words[syn.SLOT * k:syn.SLOT * (k + 1)] == ["<q>", s, *rels, *["."] * (2 - len(rels))]
+
+
+def test_slack_range_covers_every_hint_number():
+    task = syn.SyntheticTask(seed=0, n_range=(1, 4), slack=(2, syn.MAX_TURNS))
+    budgets = [(ep.n, ep.max_turns) for ep in (task.sample() for _ in range(2000))]
+    assert all(2 * n + 2 <= m <= syn.MAX_TURNS for n, m in budgets)
+    assert {m for _, m in budgets} == set(range(4, syn.MAX_TURNS + 1))
+    assert all(ep.max_turns == 2 * ep.n + 2 for ep in (syn.SyntheticTask(n_range=(1, 8)).sample() for _ in range(50)))
+    with pytest.raises(ValueError, match="slack"):
+        syn.SyntheticTask(slack=(0, 3))
 
 
 def test_expert_trajectory_observations():
@@ -317,6 +344,8 @@ def test_synthetic_hint_and_args():
         syn.SyntheticTask(n_range=(3, 2))
     with pytest.raises(ValueError, match="n_range"):
         syn.SyntheticTask(n_range=(1, 30), question_types=("born",))
+    with pytest.raises(ValueError, match="distinct answers"):
+        syn.SyntheticTask(n_range=(1, 9), question_types=("born",))  # 8 cities: at most 8 distinct answers
     with pytest.raises(ValueError, match="unknown question types"):
         syn.SyntheticTask(question_types=("nope",))
     with pytest.raises(ValueError, match="name pool"):

@@ -15,7 +15,7 @@ from mem1_fast.tiny import tiny_model
 
 def small_args(out, **kw):
     base = dict(output_dir=str(out), sft_steps=3, sft_batch=4, steps=2, episodes_per_step=2, group_size=2,
-                eval_every=1, eval_episodes=3, save_every=1, max_new_tokens=10)
+                eval_every=1, eval_episodes=3, save_every=1, max_new_tokens=10, n_max=2, eval_objectives="1,3")
     base.update(kw)
     return train.Args(**base)
 
@@ -212,7 +212,7 @@ def test_gae_critic_learns_the_value_of_a_fixed_reward(tmp_path, monkeypatch):
         return trajs
 
     monkeypatch.setattr(rollout, "run_episodes", rewarded)
-    train.main(small_args(tmp_path, advantage="gae", steps=4, critic_lr=1e-2, vf_clip=0.0, eval_every=0))
+    train.main(small_args(tmp_path, advantage="gae", steps=4, critic_lr=3e-3, vf_clip=0.0, eval_every=0))
     recs = [r for r in rl_records(tmp_path) if r["phase"] == "rl"]
     assert [r["value/returns_mean"] for r in recs] == [1.0] * 4
     values = [r["value/mean"] for r in recs]
@@ -360,3 +360,30 @@ def test_wandb_without_wandb_is_a_usage_error(tmp_path):
         pytest.skip("wandb is installed")
     with pytest.raises(train.UsageError, match="--wandb-project: wandb is not installed"):
         train.check_args(small_args(tmp_path, wandb_project="mem1"))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["more", "fewer"])
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_rl_moves_the_policy_toward_the_reward(tmp_path, monkeypatch, sign, advantage):
+    """The end-to-end sign check: reward = +/- the share of sampled tokens in the lower half of the vocabulary (about
+    half of them for a random model). A few RL steps must raise that share when it is rewarded and lower it when it
+    is penalized."""
+    from mem1_fast.tiny import tiny_model_and_tokenizer
+    half = len(tiny_model_and_tokenizer()[1]) // 2
+    run, shares = rollout.run_episodes, []
+
+    def rewarded(*a, **k):
+        trajs = run(*a, **k)
+        if not k.get("greedy"):
+            ids = [i for t in trajs for j in range(t.num_turns) for i in t.generation(j)]
+            shares.append(sum(i < half for i in ids) / len(ids))
+            for t in trajs:
+                g = [i for j in range(t.num_turns) for i in t.generation(j)]
+                t.reward = sign * sum(i < half for i in g) / len(g)
+        return trajs
+
+    monkeypatch.setattr(rollout, "run_episodes", rewarded)
+    train.main(small_args(tmp_path, sft_steps=0, steps=12, episodes_per_step=4, group_size=4, lr=3e-3,
+                          critic_lr=3e-3, eval_every=0, max_new_tokens=8, advantage=advantage))
+    before, after = sum(shares[:3]) / 3, sum(shares[-3:]) / 3
+    assert (after - before) * sign > 0.05, shares  # a share estimate over 3 steps varies by about 0.02

@@ -4,7 +4,7 @@
     mode = get("retain")              # mode.layout(traj), mode.kv_plan (None for training-only modes)
     batches = pack(trajs, "recompute", max_tokens=8192)
 """
-from . import paper, recompute, retain  # noqa: F401  (registration)
+from . import full, paper, recompute, retain  # noqa: F401  (registration)
 from .base import CAUSAL, ConsolidationMode, KVPlan, Layout, LayoutBuilder, get, names, register
 from .pack import PackedBatch, pack
 

@@ -52,6 +52,7 @@ def run_episodes(engine, tokenizer, episodes: Sequence, cfg: AgentConfig = Agent
             if act.kind == "answer":
                 score = ep.score(act.content)
                 st.answered, st.em, st.f1, st.finish = True, score.em, score.f1, "answer"
+                st.per_objective_em = list(score.per_objective_em)
             elif act.kind == "search" and turns_left > 0:
                 try:
                     text = ep.observe(act.content, turns_left)

@@ -2,7 +2,7 @@
 per-episode record the loop returns in `Trajectory.info`."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 
@@ -56,6 +56,7 @@ class EpisodeStats:
     valid: bool = True  # every turn parsed as an action
     em: float = 0.0  # summed over objectives
     f1: float = 0.0
+    per_objective_em: list[float] = field(default_factory=list)  # answer i against target i; [] unanswered
     retrieval_errors: int = 0
     finish: str = ""  # "answer", or why the episode ended without one
     peak_kv_tokens: int = 0

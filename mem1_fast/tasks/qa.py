@@ -280,12 +280,13 @@ class QAEpisode(QAProtocol):
     max_turns: int = 6
     obs_budget: int | None = None  # tokens per observation (MEM1: max_obs_length)
     count_tokens: Callable[[str], int] | None = None
+    data_source: str = ""  # the parquet row's, for per-source scores
 
     @classmethod
     def from_example(cls, ex: QAExample, retriever, render: Callable[[list[dict]], str] | None = None, **kw):
         """render: messages -> prompt text (e.g. a chat template); default: the user message text."""
         msgs = [{"role": "user", "content": ex.prompt}] if isinstance(ex.prompt, str) else ex.prompt
-        return cls(render(msgs) if render else ex.text, ex.targets, retriever, **kw)
+        return cls(render(msgs) if render else ex.text, ex.targets, retriever, data_source=ex.data_source, **kw)
 
     def observe(self, query: str, turns_left: int) -> str:
         # RetrievalError propagates: the agent loop turns it into error_observation (MEM1 defect 15)

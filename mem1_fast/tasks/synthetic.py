@@ -7,12 +7,20 @@ retrieved documents; a tiny model trained on a fixed world memorized it instead 
 All text is whitespace-separated words from vocabulary() (tags and punctuation are words of their own), so a
 word-level tokenizer covers it exactly. Documents use MEM1's corpus format ('"name"\\n sentences').
 
-The scripted expert keeps a pointer state that does not grow with the number of questions N except by the found
-answers (probe, "What I would change" 2a):
+The task is built so that what the agent must do each turn does not depend on how many questions N there are
+(the learnability probe's lesson: a tiny model trained on N <= 4 learns position patterns, not lookups, unless every
+lookup has a fixed shape):
+- every question is a fixed-length slot `<q> SUBJECT REL1 REL2` (REL2 '.' for one hop), and the prompt ends with
+  the slot `<q> done`, so the question after the one on subject X always starts 4 tokens after X;
+- the answers of an episode are distinct entities, so the found list can be copied token by token (each answer
+  names the next) however long it grows;
+- training episodes draw their turn budget (the hint's number) from a range, so no hint number is new at test time.
+
+The scripted expert keeps a pointer state that grows with N only by the found answers:
     <think> found A1 A2 ; at SUBJECT ; next ENTITY REL [REL] </think> <search> ENTITY </search>
-    <think> found A1 ... AN ; done </think> <answer> A1 ; ... ; AN </answer>
-`at` names the subject of the question being worked on (the next question is the <q> after it in the prompt;
-subjects are distinct within an episode), `next` the entity to look up and the relations still to follow.
+    <think> found A1 ... AN ; at done </think> <answer> A1 ; ... ; AN </answer>
+`at` names the subject of the question being worked on (subjects are distinct within an episode), `next` the
+entity to look up and the relations still to follow.
 """
 from __future__ import annotations
 
@@ -36,22 +44,25 @@ COUNTRY_DOC = "{s} is a country ."
 KIND_RELS = {"person": ("born", "works"), "city": ("country",), "company": ("based",), "country": ()}
 REL_TARGET = {"born": "city", "works": "company", "country": "country", "based": "city"}
 
-# question type -> (subject kind, relation chain, text)
+# question type -> (subject kind, relation chain); a question is the slot '<q> SUBJECT REL1 REL2' (REL2 '.' for
+# one hop): 'born country' asks for the country person X was born in
 QUESTIONS = {
-    "born": ("person", ("born",), "where was {s} born ?"),
-    "works": ("person", ("works",), "who does {s} work for ?"),
-    "born_country": ("person", ("born", "country"), "in which country was {s} born ?"),
-    "works_based": ("person", ("works", "based"), "in which city is the employer of {s} based ?"),
-    "country": ("city", ("country",), "in which country is {s} ?"),
-    "based": ("company", ("based",), "where is {s} based ?"),
-    "based_country": ("company", ("based", "country"), "in which country is {s} based ?"),
+    "born": ("person", ("born",)),
+    "works": ("person", ("works",)),
+    "born_country": ("person", ("born", "country")),
+    "works_based": ("person", ("works", "based")),
+    "country": ("city", ("country",)),
+    "based": ("company", ("based",)),
+    "based_country": ("company", ("based", "country")),
 }
+SLOT = 4  # tokens per question slot
+END = "<q> done"  # the slot after the last question
 STATE_WORDS = ("found", ";", "at", "next", "done", "<q>")
 HINT_WORDS = ("[HINT]", "[/HINT]", "turns", "turn", "left", ",", "answer")
 
 
 def _template_words() -> list[str]:
-    texts = list(FACTS.values()) + [COUNTRY_DOC] + [q[2] for q in QUESTIONS.values()]
+    texts = list(FACTS.values()) + [COUNTRY_DOC]
     return [w for t in texts for w in t.split() if not w.startswith("{")] + list(KIND_RELS)
 
 
@@ -77,6 +88,10 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
+def question(subject: str, rels: tuple[str, ...]) -> str:
+    return " ".join(["<q>", subject, *rels, *["."] * (SLOT - 2 - len(rels))])
+
+
 def hint(turns_left: int) -> str:
     """Compact form of MEM1's hint; '' after the last turn."""
     if not 0 <= turns_left <= MAX_TURNS:
@@ -97,7 +112,7 @@ def observation(results, turns_left: int) -> str:
 
 @dataclass
 class Episode(QAProtocol):
-    prompt: str  # '<q> question 1 <q> question 2 ...'
+    prompt: str  # '<q> S1 R R <q> S2 R R ... <q> done'
     questions: list[str]
     targets: list[list[str]]  # one alias list per question
     docs: list[Doc]
@@ -116,10 +131,12 @@ class Episode(QAProtocol):
 
 
 class SyntheticTask:
-    """Fresh random world per episode. N ~ uniform(n_range); max_turns = 2N + slack (2N searches at most + answer)."""
+    """Fresh random world per episode. N ~ uniform(n_range); max_turns = 2N + slack, the slack drawn per episode
+    from `slack` (an int, or an inclusive (lo, hi) range capped at MAX_TURNS - 2N: training sees every hint
+    number)."""
 
-    def __init__(self, seed: int = 0, n_range: tuple[int, int] = (1, 2), n_persons: int = 10, n_cities: int = 5,
-                 n_companies: int = 5, n_countries: int = 3, topk: int = 2, slack: int = 2,
+    def __init__(self, seed: int = 0, n_range: tuple[int, int] = (1, 2), n_persons: int = 16, n_cities: int = 8,
+                 n_companies: int = 8, n_countries: int = 6, topk: int = 2, slack: int | tuple[int, int] = 2,
                  question_types: tuple[str, ...] = tuple(QUESTIONS)):
         lo, hi = n_range
         sizes = {"person": n_persons, "city": n_cities, "company": n_companies, "country": n_countries}
@@ -131,16 +148,26 @@ class SyntheticTask:
         if unknown or not question_types:
             raise ValueError(f"unknown question types {sorted(unknown)}; known: {list(QUESTIONS)}")
         subjects = sum(sizes[k] for k in {QUESTIONS[t][0] for t in question_types})
-        if not 1 <= lo <= hi or hi > subjects:
-            raise ValueError(f"n_range {n_range} must satisfy 1 <= lo <= hi <= {subjects} (distinct subjects)")
-        if 2 * hi + slack > MAX_TURNS or slack < 1:
-            raise ValueError(f"2*{hi} + slack {slack} turns must be in 2N+1..{MAX_TURNS}")
+        answers = sum(sizes[k] for k in {REL_TARGET[QUESTIONS[t][1][-1]] for t in question_types})
+        if not 1 <= lo <= hi or hi > min(subjects, answers):
+            raise ValueError(f"n_range {n_range} must satisfy 1 <= lo <= hi <= {min(subjects, answers)} (distinct "
+                             "subjects and distinct answers)")
+        slack_lo, slack_hi = (slack, slack) if isinstance(slack, int) else slack
+        if 2 * hi + slack_lo > MAX_TURNS or not 1 <= slack_lo <= slack_hi:
+            raise ValueError(f"slack {slack}: 2*{hi} + slack turns must be in 2N+1..{MAX_TURNS}")
         self.rng, self.n_range, self.sizes = random.Random(seed), (lo, hi), sizes
-        self.topk, self.slack, self.question_types = topk, slack, tuple(question_types)
+        self.topk, self.slack, self.question_types = topk, (slack_lo, slack_hi), tuple(question_types)
 
     def sample(self, rng: random.Random | None = None, n: int | None = None) -> Episode:
         rng = rng or self.rng
         n = rng.randint(*self.n_range) if n is None else n
+        for _ in range(100):  # distinct answers: redraw the world in the rare case the facts do not allow them
+            ep = self._draw(rng, n)
+            if ep is not None:
+                return ep
+        raise ValueError(f"could not draw {n} questions with distinct answers from a world of {self.sizes}")
+
+    def _draw(self, rng: random.Random, n: int) -> Episode | None:
         names = rng.sample(NAMES, sum(self.sizes.values()))
         members, i = {}, 0
         for kind, size in self.sizes.items():
@@ -153,27 +180,30 @@ class SyntheticTask:
                 text = " ".join(FACTS[r].format(s=s, o=facts[s, r]) for r in KIND_RELS[kind]) or COUNTRY_DOC.format(s=s)
                 docs.append(f'"{s}"\n{text}')
         rng.shuffle(docs)  # corpus order breaks BM25 ties; keep it uninformative
-        docs = [Doc(str(j), c) for j, c in enumerate(docs)]
 
-        unused = {k: rng.sample(v, len(v)) for k, v in members.items()}  # distinct subjects: 'at X' is a pointer
-        plan, questions, targets = [], [], []
-        for _ in range(n):
-            qtype = rng.choice([t for t in self.question_types if unused[QUESTIONS[t][0]]])
-            kind, rels, text = QUESTIONS[qtype]
-            s = unused[kind].pop()
-            ans = s
+        def answer(s, rels):
             for r in rels:
-                ans = facts[ans, r]
+                s = facts[s, r]
+            return s
+        # subjects and answers all distinct (no answer is another question's subject): each names one question
+        plan, used = [], set()
+        for _ in range(n):
+            options = [(s, QUESTIONS[t][1]) for t in self.question_types for s in members[QUESTIONS[t][0]]
+                       if s not in used and answer(s, QUESTIONS[t][1]) not in used | {s}]
+            if not options:
+                return None
+            s, rels = rng.choice(options)
             plan.append((s, rels))
-            questions.append(text.format(s=s))
-            targets.append([ans])
-        prompt = " ".join(f"<q> {q}" for q in questions)
-        return Episode(prompt, questions, targets, docs, BM25Retriever(docs), plan, facts,
-                       max_turns=2 * n + self.slack, topk=self.topk)
+            used |= {s, answer(s, rels)}
+        questions = [question(s, rels) for s, rels in plan]
+        docs = [Doc(str(j), c) for j, c in enumerate(docs)]
+        return Episode(" ".join(questions + [END]), questions, [[answer(s, r)] for s, r in plan], docs,
+                       BM25Retriever(docs), plan, facts, max_turns=2 * n + rng.randint(self.slack[0], max(
+                           self.slack[0], min(self.slack[1], MAX_TURNS - 2 * n))), topk=self.topk)
 
 
 def _think(found: list[str], subject: str | None = None, entity: str | None = None, rels=()) -> str:
-    rest = ["at", subject, ";", "next", entity, *rels] if subject else ["done"]
+    rest = ["at", subject, ";", "next", entity, *rels] if subject else ["at", "done"]
     return " ".join(["<think>", "found", *found, ";", *rest, "</think>"])
 
 
