@@ -29,6 +29,7 @@ import torch
 import tyro
 
 from . import rollout
+from .train import TaskOptions
 
 
 def summarize(trajs, wall_s: float | None = None) -> dict:
@@ -81,7 +82,7 @@ def em_by_position(trajs) -> list[float]:
 
 # --- the CLI ----------------------------------------------------------------------------------------------------
 @dataclass
-class Args:
+class Args(TaskOptions):
     checkpoint: list[str] = field(default_factory=list)
     """checkpoint folders (a training run's `<output_dir>/checkpoint`, or any local HF model with the task's
     tokenizer); several are evaluated on the same episodes and plotted side by side"""
@@ -103,18 +104,6 @@ class Args:
     """0 = greedy decoding; > 0 samples (with --seed)"""
     max_new_tokens: int = 0
     """tokens generated per turn at most (0: the checkpoint's training value, else 24)"""
-    task: str = "synthetic"
-    """'synthetic' or a MEM1-format parquet test set (needs --corpus or --retriever-url)"""
-    corpus: str = ""
-    """JSONL corpus for in-process BM25 (parquet)"""
-    retriever_url: str = ""
-    """MEM1-style HTTP retriever (parquet)"""
-    topk: int = 3
-    """documents per search (parquet)"""
-    max_turns: int = 6
-    """turn limit (parquet; the synthetic task uses 2N + 2)"""
-    obs_max_tokens: int = 1000
-    """token budget of one observation (parquet)"""
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
     device: str = "cpu"
@@ -187,8 +176,7 @@ def run(args: Args) -> list[dict]:
         mode = args.mode or targs.get("mode", "recompute")
         if not rollout.serves(args.engine, mode):
             raise UsageError(f"--engine: {args.engine!r} cannot serve mode {mode!r} ({path})")
-        targs_cli = train.Args(model=path, task=args.task, corpus=args.corpus, retriever_url=args.retriever_url,
-                               topk=args.topk, max_turns=args.max_turns, obs_max_tokens=args.obs_max_tokens)
+        targs_cli = train.Args(model=path, **{f.name: getattr(args, f.name) for f in dataclasses.fields(TaskOptions)})
         model, tok = train.load_model_and_tokenizer(targs_cli)
         model.to(args.device).eval()
         engine = rollout.create(args.engine, model, tok, mode, temperature=args.temperature or 1.0,

@@ -88,6 +88,13 @@ def tiny_qwen2(vocab_size: int, **kw) -> Qwen2ForCausalLM:
     return tiny_model(vocab_size, arch="qwen2", **kw)
 
 
+def default_agent(seed: int = 0):
+    """The trainer's default model: the tiny Llama with full multi-head attention (4 key/value heads, 0.47M
+    parameters). With 2 key/value heads, the warm start on the synthetic task formed its copy lookups (an entity from
+    an observation into the state) within 1000 steps for some seeds only; with 4 it did for every seed tried."""
+    return tiny_model_and_tokenizer(seed=seed, kv_heads=4)
+
+
 def tiny_model_and_tokenizer(words: Sequence[str] | None = None, **kw):
     tok = word_tokenizer(default_vocabulary() if words is None else words)
     model = tiny_model(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)

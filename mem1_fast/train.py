@@ -40,18 +40,8 @@ from .consolidation import EXACT_MODES
 
 
 @dataclass
-class Args:
-    output_dir: str = "runs/mem1_default"
-    """where metrics.jsonl and checkpoint/ go; an existing checkpoint there is resumed"""
-    seed: int = 0
-    """seed for task sampling, sampling and initialization"""
-    model: str = ""
-    """local HF model directory; empty = a tiny Llama built offline over the synthetic task's vocabulary"""
-    mode: Literal[EXACT_MODES] = "recompute"
-    """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout; 'full' is the
-    full-context baseline (every turn keeps the whole history)"""
-    engine: Literal[rollout.names()] = "hf"
-    """rollout engine: 'hf' runs the trainer's own model (exact log-probs)"""
+class TaskOptions:
+    """The task and its retrieval (the options `mem1_fast.eval` shares)."""
     task: str = "synthetic"
     """'synthetic' (fresh random world per episode) or a MEM1-format parquet file (needs --corpus or --retriever-url)"""
     corpus: str = ""
@@ -64,6 +54,21 @@ class Args:
     """turn limit for parquet tasks (the synthetic task uses 2N + 2)"""
     obs_max_tokens: int = 1000
     """token budget of one observation for parquet tasks (documents are cut to fit, tags and hint kept)"""
+
+
+@dataclass
+class Args(TaskOptions):
+    output_dir: str = "runs/mem1_default"
+    """where metrics.jsonl and checkpoint/ go; an existing checkpoint there is resumed"""
+    seed: int = 0
+    """seed for task sampling, sampling and initialization"""
+    model: str = ""
+    """local HF model directory; empty = a tiny Llama built offline over the synthetic task's vocabulary"""
+    mode: Literal[EXACT_MODES] = "recompute"
+    """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout; 'full' is the
+    full-context baseline (every turn keeps the whole history)"""
+    engine: Literal[rollout.names()] = "hf"
+    """rollout engine: 'hf' runs the trainer's own model (exact log-probs)"""
     n_min: int = 1
     """fewest objectives (questions) per synthetic episode"""
     n_max: int = 4
@@ -285,9 +290,8 @@ def load_model_and_tokenizer(args: Args):
     """The tiny default, or a local HF model directory: its tokenizer first (cheap), then the model."""
     from . import hf
     if not args.model:
-        from .tiny import tiny_model_and_tokenizer
-        model, tok = tiny_model_and_tokenizer(seed=args.seed)
-        return model, tok
+        from .tiny import default_agent
+        return default_agent(args.seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(args.model)
     if not (path / "config.json").is_file():
@@ -548,9 +552,14 @@ def main(args: Args):
             for key, episodes in groups.items():
                 m, trajs = evaluate_episodes(engine, tok, episodes, args.max_turns)
                 everything += trajs
-                rec.update({f"eval/{key}{k}": v for k, v in m.items() if key and k != "episodes"})
+                if key:  # one group per N (synthetic)
+                    rec.update({f"eval/{key}{k}": v for k, v in m.items()})
             rec.update(episode_metrics(everything, "eval"))  # pooled over every group
             log(rec)
+            per_n = [f"N={k[:-1].removeprefix('n')} {rec[f'eval/{k}em_per_objective']:.2f} "
+                     f"({rec[f'eval/{k}peak_kv_tokens']:.0f} KV)" for k in groups if k]
+            tqdm.write(f"eval at RL step {step}: EM/objective " + (", ".join(per_n) if per_n else
+                       f"{rec['eval/em_per_objective']:.3f}") + f"; answered {rec['eval/answered']:.2f}")
         d.barrier()
         return rec
 
@@ -561,9 +570,7 @@ def main(args: Args):
         return critic(b)
 
     if state["rl_step"] == 0 and args.eval_every:
-        r = evaluate(0)
-        if lead:
-            print(f"eval before RL: EM/objective {r['eval/em_per_objective']:.3f}, answered {r['eval/answered']:.2f}")
+        evaluate(0)
     bar = tqdm(range(state["rl_step"], args.steps), desc=f"rl ({args.mode}, {args.advantage})", dynamic_ncols=True,
                disable=not lead)
     for step in bar:
