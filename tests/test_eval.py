@@ -50,7 +50,7 @@ def test_cli_writes_json_table_and_plots_and_full_context_grows(checkpoints, tmp
     assert full["mode"] == "full"
     rec, full = recs[0]["results"]["3"], full["results"]["3"]
     assert rec["turns"] > 1.5 and full["turns"] > 1.5, "the model must search for the comparison to mean anything"
-    assert full["peak_kv_tokens"] > 1.5 * rec["peak_kv_tokens"]
+    assert full["peak_kv_tokens"] > rec["peak_kv_tokens"]  # exact accounting: test_peak_kv_tokens_match_the_trajectories
     for name in ("em_vs_objectives.png", "peak_kv_vs_objectives.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
