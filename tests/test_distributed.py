@@ -43,7 +43,7 @@ def test_torchrun_trains_and_resumes_into_the_same_run(tmp_path):
     common = ["-m", "mem1_fast.train", "--sft-steps", "3", "--sft-batch", "4", "--episodes-per-step", "2",
               "--group-size", "2", "--eval-every", "1", "--eval-episodes", "3", "--save-every", "1",
               "--max-new-tokens", "10", "--advantage", "gae", "--kl-coef", "0.1", "--entropy-coef", "0.01",
-              "--ppo-minibatches", "2"]
+              "--ppo-minibatches", "2", "--n-max", "2", "--eval-objectives", "1,3"]
     torchrun(common + ["--output-dir", "whole", "--steps", "3"], tmp_path)
     torchrun(common + ["--output-dir", "parts", "--steps", "1"], tmp_path)
     torchrun(common + ["--output-dir", "parts", "--steps", "3"], tmp_path)

@@ -393,3 +393,25 @@ def test_rl_moves_the_policy_toward_the_reward(tmp_path, monkeypatch, sign, adva
                           critic_lr=3e-3, eval_every=0, max_new_tokens=8, advantage=advantage))
     before, after = sum(shares[:3]) / 3, sum(shares[-3:]) / 3
     assert (after - before) * sign > 0.05, shares  # a share estimate over 3 steps varies by about 0.02
+
+
+def test_sft_position_jitter_shifts_each_trajectory_after_its_question():
+    """skip_positions moves every token after a trajectory's question by that trajectory's gap, in every mode's
+    layout, and leaves the question (and so the relative positions inside the rest) alone."""
+    import random as _random
+
+    from mem1_fast.consolidation import EXACT_MODES, pack
+    from mem1_fast.tasks.synthetic import SyntheticTask
+    from mem1_fast.tiny import word_tokenizer, default_vocabulary
+    from mem1_fast.trajectory import Kind
+    tok = word_tokenizer(default_vocabulary())
+    task = SyntheticTask(seed=3, n_range=(1, 3))
+    trajs = [train.expert_as_trajectory(task.sample(_random.Random(i)), tok) for i in range(5)]
+    gaps = torch.tensor([0, 7, 64, 1, 30])
+    for mode in EXACT_MODES:
+        for b in pack(trajs, mode, max_tokens=700):
+            before = b.position_ids.clone()
+            train.skip_positions(b, gaps)
+            prompt = b.kind == int(Kind.PROMPT)
+            assert torch.equal(b.position_ids[prompt], before[prompt])
+            assert torch.equal(b.position_ids[~prompt] - before[~prompt], gaps[b.traj_ids[~prompt]])

@@ -96,7 +96,8 @@ def test_train_cli_runs_with_the_vllm_engine(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "mem1_fast.train", "--engine", "vllm", "--output-dir", str(tmp_path),
                         "--sft-steps", "3", "--sft-batch", "4", "--steps", "2", "--episodes-per-step", "2",
-                        "--group-size", "2", "--eval-every", "1", "--eval-episodes", "3", "--max-new-tokens", "10"],
+                        "--group-size", "2", "--eval-every", "1", "--eval-episodes", "3", "--max-new-tokens", "10",
+                        "--n-max", "2", "--eval-objectives", "1,3"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     import json
