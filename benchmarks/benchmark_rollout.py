@@ -38,9 +38,9 @@ def build(config: str):
     import random
 
     from mem1_fast.tasks.synthetic import SyntheticTask
-    from mem1_fast.tiny import tiny_model, tiny_model_and_tokenizer, word_tokenizer
+    from mem1_fast.tiny import default_agent, tiny_model, word_tokenizer
     if config == "default":
-        model, tok = tiny_model_and_tokenizer(seed=0)
+        model, tok = default_agent(0)
         task, rng = SyntheticTask(seed=0), random.Random(0)
         eps = [task.sample(rng) for _ in range(EPISODES // 4)]
         prompts = [tok.encode(e.prompt, add_special_tokens=False) for e in eps for _ in range(4)]

@@ -61,6 +61,9 @@ def summarize(trajs, wall_s: float | None = None) -> dict:
     return m
 
 
+TIMINGS = ("wall_s", "latency_per_turn_s")  # the clock readings among summarize's metrics
+
+
 def evaluate(engine, tok, episodes, max_turns: int = 6, greedy: bool = True, seed: int | None = None):
     """Roll `episodes` out with `engine` (no gradients) and summarize them; returns (metrics, trajectories)."""
     t0 = time.time()

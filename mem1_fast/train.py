@@ -356,7 +356,7 @@ def main(args: Args):
     from .consolidation import pack
     from .critic import Critic, ValueHead, value_loss
     from .eval import evaluate as evaluate_episodes
-    from .eval import parse_objectives, synthetic_episodes
+    from .eval import TIMINGS, parse_objectives, synthetic_episodes
     from .ops import ppo_loss
     from .rollout import full_state_dict
     from .scoring import PackedLM
@@ -552,8 +552,8 @@ def main(args: Args):
             for key, episodes in groups.items():
                 m, trajs = evaluate_episodes(engine, tok, episodes, args.max_turns)
                 everything += trajs
-                if key:  # one group per N (synthetic)
-                    rec.update({f"eval/{key}{k}": v for k, v in m.items()})
+                if key:  # one group per N (synthetic); clocks under time/, like every other clock
+                    rec.update({f"{'time/' if k in TIMINGS else ''}eval/{key}{k}": v for k, v in m.items()})
             rec.update(episode_metrics(everything, "eval"))  # pooled over every group
             log(rec)
             per_n = [f"N={k[:-1].removeprefix('n')} {rec[f'eval/{k}em_per_objective']:.2f} "

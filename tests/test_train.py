@@ -33,7 +33,7 @@ def test_short_run_writes_metrics_and_checkpoint(tmp_path, mode):
     for r in evals:  # per N of --eval-objectives (3 lies past --n-max 2), and pooled
         assert {"eval/n1/em_per_objective", "eval/n3/em_per_objective", "eval/n3/peak_kv_tokens",
                 "eval/em_per_objective"} <= set(r)
-        assert r["eval/n1/episodes"] == r["eval/n3/episodes"] == 3
+        assert r["eval/n1/episodes"] == r["eval/n3/episodes"] == 3 and "time/eval/n3/wall_s" in r
     ckpt = tmp_path / "checkpoint"  # that it reloads as what was trained: tests/test_checkpoint.py
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert state["rl_step"] == 2 and state["phase"] == "rl"

@@ -64,16 +64,20 @@ def oracle(traj: Trajectory, mode: str):
                 ok = kc == Kind.PROMPT
             elif mode == "recompute":
                 ok = kc == Kind.PROMPT or bc == bp
+            elif mode == "full":  # the whole history
+                ok = True
             elif mode == "retain":
                 gen = kp in (Kind.STATE, Kind.ACTION)
                 ok = kc == Kind.PROMPT or (jc == jp - 1 if gen else False) or jc == jp
-            else:  # paper: attn_mask_utils.make_attention_mask
+            elif mode == "paper":  # attn_mask_utils.make_attention_mask
                 if kp == Kind.OBS:
                     ok = kc == Kind.OBS and jc == jp
                 else:
                     ok = (kc == Kind.PROMPT or (jc == jp - 1 and kc in (Kind.ACTION, Kind.OBS))
                           or (jc == jp and kc == Kind.STATE)
                           or (kp == Kind.ACTION and jc == jp and kc == Kind.ACTION))
+            else:
+                raise AssertionError(f"no oracle rule for mode {mode!r}")
             mask[p, c] = ok
     return [t[0] for t in toks], pos, [t[4] for t in toks], mask
 
