@@ -185,8 +185,8 @@ def check_args(args: Args) -> None:
             raise UsageError(f"{option}: {problem}")
 
     least = dict(steps=0, episodes_per_step=1, max_new_tokens=1, ppo_epochs=1, ppo_minibatches=1,
-                 max_tokens_per_batch=1, sft_steps=0, sft_batch=1, sft_save_every=1, sft_position_jitter=0, eval_every=0, eval_episodes=1,
-                 save_every=1, threads=0, topk=1, max_turns=1, obs_max_tokens=1)
+                 max_tokens_per_batch=1, sft_steps=0, sft_batch=1, sft_save_every=1, sft_position_jitter=0,
+                 eval_every=0, eval_episodes=1, save_every=1, threads=0, topk=1, max_turns=1, obs_max_tokens=1)
     for name, lo in least.items():
         need(getattr(args, name) >= lo, "--" + name.replace("_", "-"), f"{getattr(args, name)} must be >= {lo}")
     need(args.ppo_minibatches <= args.episodes_per_step * args.group_size, "--ppo-minibatches",

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from mem1_fast.tiny import default_agent
+
 HERE = Path(__file__).resolve().parent
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available() and TORCHRUN),
@@ -57,6 +59,7 @@ def test_torchrun_trains_and_resumes_into_the_same_run(tmp_path):
     assert [r["step"] for r in whole if r["phase"] == "eval"] == [0, 1, 2, 3]
     assert all(r["loss/entropy"] > 0 for r in whole if r["phase"] == "rl")
     assert records("parts") == whole
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "checkpoint")  # whole, unsharded weights
-    assert model.get_input_embeddings().weight.shape[0] == 367
+    assert model.get_input_embeddings().weight.shape[0] == len(AutoTokenizer.from_pretrained(
+        tmp_path / "whole" / "checkpoint")) == len(default_agent()[1])
