@@ -64,6 +64,13 @@ class Dist:
         if self.active:
             dist.barrier()
 
+    def close(self) -> None:
+        """Tear the process group down before the process exits (gloo's threads abort the process otherwise, at
+        random)."""
+        if self.active and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def init(device: str) -> Dist:
     """The process group torchrun set up (WORLD_SIZE > 1), or a single process."""

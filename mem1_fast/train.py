@@ -731,6 +731,7 @@ def main(args: Args):
         for sink in sinks:
             sink.close()
         print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoint in {ckpt}")
+    d.close()
     return model, tok
 
 

@@ -100,6 +100,7 @@ def main(out: Path):
         "max_param_diff": diff, "moved": moved, "max_grad_rel_diff": grad_rel, "grad_scale": grad_scale,
         "unscaled_grad_rel_diff": bad_rel, "world": d.world, "sharded": type(policy).__name__,
         "batches": passes[0], "passes": passes[1]}))
+    d.close()
 
 
 if __name__ == "__main__":
