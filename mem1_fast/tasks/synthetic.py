@@ -12,8 +12,8 @@ The task is built so that what the agent must do each turn does not depend on ho
 lookup has a fixed shape):
 - every question is a fixed-length slot `<q> SUBJECT REL1 REL2` (REL2 '.' for one hop), and the prompt ends with
   the slot `<q> done`, so the question after the one on subject X always starts 4 tokens after X;
-- the answers of an episode are distinct entities, so the found list can be copied token by token (each answer
-  names the next) however long it grows;
+- the answers of an episode are distinct entities, so in the found list each answer names the one after it (a
+  token-by-token copy could follow it at any length; the tiny default does not learn to past N = 4: README);
 - training episodes draw their turn budget (the hint's number) from a range, so no hint number is new at test time.
 
 The scripted expert keeps a pointer state that grows with N only by the found answers:
