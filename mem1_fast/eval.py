@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import tyro
 
-from . import rollout
-from .train import TaskOptions
+from . import rollout, train
+from .train import TaskOptions, UsageError
 
 
 def summarize(trajs, wall_s: float | None = None) -> dict:
@@ -117,7 +117,6 @@ class Args(TaskOptions):
 
 def parse_objectives(text: str, option: str = "--objectives") -> list[int]:
     from .tasks.synthetic import SyntheticTask
-    from .train import UsageError
     try:
         ns = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -148,8 +147,6 @@ def synthetic_episodes(n: int, count: int, seed: int):
 
 def run(args: Args) -> list[dict]:
     """Evaluate every checkpoint; returns the eval.json records."""
-    from . import train
-    from .train import UsageError
     from .consolidation import EXACT_MODES
     if not args.checkpoint:
         raise UsageError("--checkpoint: give at least one checkpoint folder")
@@ -205,9 +202,8 @@ def run(args: Args) -> list[dict]:
 
 def parquet_groups(targs, tok, limit: int) -> dict:
     """The test set's rows as episodes, grouped by their number of objectives."""
-    from .train import load_task, qa_episode_maker
-    examples, retriever = load_task(targs)
-    make = qa_episode_maker(targs, retriever, tok)
+    examples, retriever = train.load_task(targs)
+    make = train.qa_episode_maker(targs, retriever, tok)
     groups = defaultdict(list)
     for ex in examples[:limit or None]:
         groups[len(ex.targets)].append(make(ex))
@@ -284,7 +280,6 @@ def main(args: Args) -> list[dict]:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    from .train import UsageError
     args = tyro.cli(Args, args=argv)
     try:
         main(args)
