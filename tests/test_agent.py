@@ -70,3 +70,28 @@ def test_protocol():
     # sampled ids and log-probs are kept as given
     assert t0.generation(0) == TOK.encode(scripts[0][0], add_special_tokens=False)
     assert t0.generation_logprobs(1) == [-0.5] * len(t0.generation(1))
+
+
+def test_an_episode_that_takes_one_answer_per_objective():
+    """The synthetic task answers each question with its own action: the loop hands every answer to the episode,
+    feeds its reply back, ends on the N-th answer, and scores the answers given however the episode ended."""
+    from mem1_fast.tasks.synthetic import SyntheticTask, expert_generations
+    task = SyntheticTask(seed=4, n_range=(3, 3))
+    full, short, bad = task.sample(), task.sample(), task.sample()
+    gens = [expert_generations(ep) for ep in (full, short, bad)]
+    answer_turns = [[j for j, g in enumerate(gs) if "<answer>" in g] for gs in gens]
+    short.max_turns = answer_turns[1][1] + 1  # the budget's last turn is the second answer
+    k = answer_turns[2][0]  # bad: the first answer, then junk
+    gens[2] = gens[2][:k + 1] + ["<think> x </think> nothing"]
+    eng = ScriptedEngine(gens)
+    t_full, t_short, t_bad = run_episodes(eng, TOK, [full, short, bad], AgentConfig())
+    hops = sum(len(r) for _, r in full.plan)
+    assert t_full.info.answered and t_full.info.finish == "answer" and t_full.reward == 3.0
+    assert t_full.info.turns == hops + 3 and t_full.info.searches == hops
+    assert t_full.info.per_objective_em == [1.0, 1.0, 1.0]
+    replies = [o for o in eng.seen_obs[0] if "<q>" in o]  # the replies to answers 1 and 2: the next questions
+    assert [r.split("[/HINT] ")[1] for r in replies] == [q + " </information>" for q in full.questions[1:]]
+    assert not t_short.info.answered and t_short.info.finish == "turn budget spent after 2 answers"
+    assert t_short.info.per_objective_em == [1.0, 1.0, 0.0] and t_short.reward == 2.0
+    assert t_short.segments[-1].kind == Kind.ACTION  # no reply after the budget's last turn
+    assert not t_bad.info.valid and t_bad.info.per_objective_em == [1.0, 0.0, 0.0] and t_bad.reward == 1.0

@@ -277,52 +277,90 @@ def test_expert_succeeds_through_retriever():
     hops = 0
     for _ in range(200):
         ep = task.sample()
-        assert len(set(s for s, _ in ep.plan)) == ep.n  # 'at X' pointers are unambiguous
         gens = syn.expert_generations(ep)
         assert len(gens) <= ep.max_turns
-        chain = [(s, rels[i:]) for s, rels in ep.plan for i in range(len(rels))]  # one search per hop
-        assert len(gens) == len(chain) + 1
-        for g, (subject, rels) in zip(gens, chain):
+        # per question: one search per hop, then that question's answer
+        script = [rels[i:] for _, rels in ep.plan for i in range(len(rels) + 1)]
+        assert len(gens) == len(script)
+        answers = []
+        for g, rels in zip(gens, script):
             a = parse_action(g)
-            assert a.kind == "search" and a.error is None
+            assert a.error is None
+            if not rels:
+                assert a.kind == "answer" and a.think == f"found {a.content}"
+                answers.append(a.content)
+                continue
+            assert a.kind == "search"
             entity = a.content
             [hits] = ep.retriever.search([entity], ep.topk)
             fact = syn.FACTS[rels[0]].format(s=entity, o=ep.facts[entity, rels[0]])
             assert any(fact in d.text for d, _ in hits), (entity, fact, hits)
-            assert f"at {subject} ; next {entity} {' '.join(rels)} </think>" in a.think + " </think>"
+            assert a.think == f"next {entity} {' '.join(rels)}"
             hops += 1
-        final = parse_action(gens[-1])
-        assert final.kind == "answer"
-        s = score_answers(final.content, ep.targets)
+        assert answers == [t[0] for t in ep.targets]
+        s = ep.score(answers)
         assert s.em == ep.n and s.n_pred == ep.n
-        # the state lists exactly the answers found so far, in order
-        assert final.think == "found " + " ".join(t[0] for t in ep.targets) + " ; at done"
     assert hops > 300  # 2-hop questions were exercised
 
 
+def test_hasty_teacher_answers_two_hop_questions_with_the_bridge_entity():
+    task = syn.SyntheticTask(seed=6, n_range=(4, 4))
+    eps = [task.sample() for _ in range(200)]
+    for ep in eps[:20]:  # shortcut 1: every two-hop question is answered after its first hop
+        answers = [parse_action(g).content for g in syn.expert_generations(ep, 1.0, random.Random(0)) if "<answer>" in g]
+        assert answers == [ep.facts[s, rels[0]] for s, rels in ep.plan]
+        assert syn.expert_generations(ep, 0.0) == syn.expert_generations(ep)
+    rng, hasty, two_hop = random.Random(1), 0, 0
+    for ep in eps:
+        answers = [parse_action(g).content for g in syn.expert_generations(ep, 0.6, rng) if "<answer>" in g]
+        for (s, rels), a, t in zip(ep.plan, answers, ep.targets):
+            if len(rels) == 2:
+                two_hop += 1
+                hasty += a != t[0]
+            else:
+                assert a == t[0]  # one-hop questions are never cut short
+    assert two_hop > 200 and abs(hasty / two_hop - 0.6) < 4 * (0.24 / two_hop) ** 0.5
+    with pytest.raises(ValueError, match="rng"):
+        syn.expert_generations(eps[0], 0.5)
+
+
+def test_synthetic_scoring_is_per_answer_action():
+    ep = syn.SyntheticTask(seed=2, n_range=(3, 3)).sample()
+    a = [t[0] for t in ep.targets]
+    assert ep.score(a).per_objective_em == [1.0, 1.0, 1.0]
+    assert ep.score(a[:2]).per_objective_em == [1.0, 1.0, 0.0]  # unanswered scores 0
+    assert ep.score([a[1], a[0], a[2]]).per_objective_em == [0.0, 0.0, 1.0]  # positional
+    s = ep.score([f"{a[0]} ; {a[1]}", a[1], a[2]])  # one action answers one objective: no ';' splitting
+    assert s.per_objective_em == [0.0, 1.0, 1.0] and s.n_pred == 3
+    assert ep.reply(a[:1], 5) == f"<information> [HINT] 5 turns left [/HINT] {ep.questions[1]} </information>"
+    assert ep.reply(a[:2], 0) == f"<information> {ep.questions[2]} </information>" and ep.reply(a, 5) is None
+
+
 def test_lookups_have_a_fixed_shape_at_every_n():
-    """What makes the protocol length-invariant: the next question's subject is always SLOT tokens after the
-    current one (the last one's successor is `done`), and answers and subjects are distinct words."""
+    """What makes the protocol length-invariant: every question is a fixed-shape slot, and the environment hands
+    the agent each next one in its reply to an answer, so no turn depends on N."""
     for n in (1, 4, 16):
         task = syn.SyntheticTask(seed=n, n_range=(n, n))
         for _ in range(30):
             ep = task.sample()
             words = ep.prompt.split()
-            assert len(words) == syn.SLOT * n + 2 and " ".join(words[-2:]) == syn.END
+            assert len(words) == syn.SLOT * n and ep.prompt == " ".join(ep.questions)
             subjects = [s for s, _ in ep.plan]
-            assert [words[syn.SLOT * k + 1] for k in range(n + 1)] == subjects + ["done"]
             answers = [t[0] for t in ep.targets]
             assert len(set(subjects + answers)) == 2 * n
             for k, (s, rels) in enumerate(ep.plan):
-                assert words[syn.SLOT * k:syn.SLOT * (k + 1)] == ["<q>", s, *rels, *["."] * (2 - len(rels))]
+                assert ep.questions[k].split() == ["<q>", s, *rels, *["."] * (2 - len(rels))]
+                if k:
+                    assert ep.reply(answers[:k], 3) == f"<information> [HINT] 3 turns left [/HINT] {ep.questions[k]} </information>"
 
 
 def test_slack_range_covers_every_hint_number():
     task = syn.SyntheticTask(seed=0, n_range=(1, 4), slack=(2, syn.MAX_TURNS))
-    budgets = [(ep.n, ep.max_turns) for ep in (task.sample() for _ in range(2000))]
-    assert all(2 * n + 2 <= m <= syn.MAX_TURNS for n, m in budgets)
+    budgets = [(len(syn.expert_generations(ep)), ep.max_turns) for ep in (task.sample() for _ in range(2000))]
+    assert all(turns + 2 <= m <= syn.MAX_TURNS for turns, m in budgets)
     assert {m for _, m in budgets} == set(range(4, syn.MAX_TURNS + 1))
-    assert all(ep.max_turns == 2 * ep.n + 2 for ep in (syn.SyntheticTask(n_range=(1, 8)).sample() for _ in range(50)))
+    eps = [syn.SyntheticTask(n_range=(1, 8)).sample() for _ in range(50)]
+    assert all(ep.max_turns == len(syn.expert_generations(ep)) + 2 for ep in eps)
     with pytest.raises(ValueError, match="slack"):
         syn.SyntheticTask(slack=(0, 3))
 
@@ -332,8 +370,12 @@ def test_expert_trajectory_observations():
     traj = syn.expert_trajectory(ep)
     assert traj[-1][1] == ""
     for j, (g, obs) in enumerate(traj[:-1]):
-        assert obs.startswith(f"<information> {syn.hint(ep.max_turns - j - 1)} ") and obs.endswith(" </information>")
-        assert parse_action(g).content in obs
+        hint = syn.hint(ep.max_turns - j - 1)
+        a = parse_action(g)
+        if a.kind == "search":
+            assert obs.startswith(f"<information> {hint} ") and obs.endswith(" </information>") and a.content in obs
+        else:  # the environment's reply to an answer that is not the last: the next question
+            assert obs == f"<information> {hint} {ep.questions[1]} </information>"
 
 
 def test_synthetic_hint_and_args():

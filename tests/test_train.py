@@ -98,7 +98,8 @@ def bad_inputs(tmp):
     return [
         (["--n-min", "3", "--n-max", "1"], "--n-max", "smaller than --n-min"),
         (["--n-min", "0"], "--n-min", "at least 1"),
-        (["--n-max", "40"], "--n-max", "turn limit"),
+        (["--n-max", "21"], "--n-max", "turn limit"),
+        (["--sft-teacher-shortcut", "1.5"], "--sft-teacher-shortcut", "probability"),
         (["--temperature", "0"], "--temperature", "> 0"),
         (["--temperature", "nan"], "--temperature", "> 0"),
         (["--group-size", "1"], "--group-size", "2 or more"),

@@ -2,8 +2,9 @@
 
 Engine- and task-agnostic: the engine (rollout/base.py) owns the KV cache and its consolidation; the episode
 (tasks/base.py) owns the action language, the environment and the scoring; this loop owns the protocol (DESIGN §6):
-parse each turn's action from the sampled ids, run the search, append the observation, end on an answer, a
-malformed turn, or the last turn. A search on the last turn is not executed (its result could never be read). A
+parse each turn's action from the sampled ids, run the search (or hand an answer to the episode, which may reply
+and go on), append the observation, end on the episode's last answer, a malformed turn, or the last turn; the
+answers given are scored whichever way the episode ended. A search on the last turn is not executed (its result could never be read). A
 failing retriever becomes an observation, not a crash. Generated ids are kept as sampled; only environment text is
 tokenized. Each trajectory's `info` is an EpisodeStats.
 """
@@ -34,6 +35,7 @@ def run_episodes(engine, tokenizer, episodes: Sequence, cfg: AgentConfig = Agent
     logprobs = [[None] for _ in prompts]
     stats = [EpisodeStats(n_objectives=len(ep.targets)) for ep in episodes]
     max_turns = [getattr(ep, "max_turns", None) or cfg.max_turns for ep in episodes]
+    answers = [[] for _ in episodes]
     active, obs = list(range(n)), None
     for turn in range(max(max_turns)):
         active = [i for i in active if turn < max_turns[i]]
@@ -49,32 +51,40 @@ def run_episodes(engine, tokenizer, episodes: Sequence, cfg: AgentConfig = Agent
             st.turns = turn + 1
             act = ep.parse_action(tokenizer.decode(g.token_ids, skip_special_tokens=False))
             turns_left = max_turns[i] - turn - 1
+            text = None
             if act.kind == "answer":
-                score = ep.score(act.content)
-                st.answered, st.em, st.f1, st.finish = True, score.em, score.f1, "answer"
-                st.per_objective_em = list(score.per_objective_em)
+                answers[i].append(act.content)
+                text = ep.reply(answers[i], turns_left)
+                if text is None:
+                    st.answered, st.finish = True, "answer"
+                elif turns_left == 0:
+                    text, st.finish = None, f"turn budget spent after {len(answers[i])} answers"
             elif act.kind == "search" and turns_left > 0:
                 try:
                     text = ep.observe(act.content, turns_left)
                 except RetrievalError as e:  # the agent sees the failure; training goes on
                     st.retrieval_errors += 1
                     text = ep.error_observation(str(e), turns_left)
-                ids = tokenizer.encode(text, add_special_tokens=False)
-                if not ids:
-                    raise ValueError(f"episode {i}: empty observation for query {act.content!r}")
-                triples[i].append(("OBS", turn, ids))
-                logprobs[i].append(None)
                 st.searches += 1
-                next_active.append(i)
-                obs.append(ids)
             else:
                 st.valid = act.kind is not None
                 st.finish = act.error or ("search on the last turn" if act.kind == "search" else "no action")
+            if text is not None:
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if not ids:
+                    raise ValueError(f"episode {i}: empty observation after {act.kind} {act.content!r}")
+                triples[i].append(("OBS", turn, ids))
+                logprobs[i].append(None)
+                next_active.append(i)
+                obs.append(ids)
         active = next_active
     trajs = []
     for i in range(n):
         kv = engine.kv_stats(i)
         st = stats[i]
+        if answers[i]:
+            score = episodes[i].score(answers[i])
+            st.em, st.f1, st.per_objective_em = score.em, score.f1, list(score.per_objective_em)
         st.peak_kv_tokens, st.prefilled_tokens, st.reencoded_tokens = (kv.peak_kv_tokens, kv.prefilled_tokens,
                                                                        kv.reencoded_tokens)
         trajs.append(Trajectory.from_triples(triples[i], logprobs[i], reward=st.em, info=st))

@@ -41,8 +41,13 @@ class Episode(Protocol):
     def error_observation(self, message: str, turns_left: int) -> str:
         """The reply when the environment failed (the agent sees it; training goes on)."""
 
-    def score(self, answer: str) -> Score:
-        """Score the content of an answer action."""
+    def reply(self, answers: Sequence[str], turns_left: int) -> str | None:
+        """The environment's reply to an answer action (`answers`: the contents of every answer action so far,
+        the latest last): an observation when the episode takes more answers (a task that takes one answer per
+        objective), None when the episode is over."""
+
+    def score(self, answers: Sequence[str]) -> Score:
+        """Score the contents of the episode's answer actions, in order."""
 
 
 @dataclass
@@ -52,13 +57,13 @@ class EpisodeStats:
     n_objectives: int
     turns: int = 0
     searches: int = 0
-    answered: bool = False
+    answered: bool = False  # the episode ended on its last answer (not on the turn budget or a bad turn)
     valid: bool = True  # every turn parsed as an action
     em: float = 0.0  # summed over objectives
     f1: float = 0.0
     per_objective_em: list[float] = field(default_factory=list)  # answer i against target i; [] unanswered
     retrieval_errors: int = 0
-    finish: str = ""  # "answer", or why the episode ended without one
+    finish: str = ""  # "answer", or why the episode ended before its last answer
     peak_kv_tokens: int = 0
     prefilled_tokens: int = 0
     reencoded_tokens: int = 0

@@ -257,13 +257,17 @@ def load_mem1_parquet(path) -> list[QAExample]:
 
 
 class QAProtocol:
-    """The task-protocol methods (tasks/base.py) every QA-shaped episode shares: MEM1's action tags, positional
-    multi-objective scoring against `self.targets`, MEM1's failure observation."""
+    """The task-protocol methods (tasks/base.py) every QA-shaped episode shares: MEM1's action tags, one answer
+    action that ends the episode, positional multi-objective scoring against `self.targets`, MEM1's failure
+    observation."""
 
     parse_action = staticmethod(parse_action)
 
-    def score(self, answer: str) -> Score:
-        return score_answers(answer, self.targets)
+    def reply(self, answers, turns_left: int) -> None:
+        return None  # MEM1: the first answer is final
+
+    def score(self, answers) -> Score:
+        return score_answers("; ".join(answers), self.targets)
 
     def error_observation(self, message: str, turns_left: int) -> str:
         return error_observation(hint(turns_left), message)

@@ -9,18 +9,24 @@ word-level tokenizer covers it exactly. Documents use MEM1's corpus format ('"na
 
 The task is built so that what the agent must do each turn does not depend on how many questions N there are
 (the learnability probe's lesson: a tiny model trained on N <= 4 learns position patterns, not lookups, unless every
-lookup has a fixed shape):
-- every question is a fixed-length slot `<q> SUBJECT REL1 REL2` (REL2 '.' for one hop), and the prompt ends with
-  the slot `<q> done`, so the question after the one on subject X always starts 4 tokens after X;
-- the answers of an episode are distinct entities, so in the found list each answer names the one after it (a
-  token-by-token copy could follow it at any length; the tiny default does not learn to past N = 4: README);
-- training episodes draw their turn budget (the hint's number) from a range, so no hint number is new at test time.
+lookup has a fixed shape), which is what lets an agent trained on N <= 4 work at N = 8:
+- every question is a fixed-length slot `<q> SUBJECT REL1 REL2` (REL2 '.' for one hop); the prompt lists them all;
+- the agent answers each question with its own answer action as soon as it has it; the environment replies with
+  the hint and the next question's slot, and ends the episode after the N-th answer. So the state never carries a
+  list that grows with N, and the agent never has to find its place in a prompt longer than any it trained on.
+  Two earlier designs failed at exactly those points (README, "Why this task"): one final answer, with every
+  found answer kept in the state (the tiny model never copied more than the 3 answers a training state held:
+  EM 0.00-0.06 at N = 8), and one answer per question but the next question found in the prompt (by position, or by
+  a question ID: right 10-19% of the time at N = 4, 2-3% at N = 8, while every other kind of turn was right
+  >= 95% of the time at N = 8). Peak memory grows with N only by the prompt;
+- the turn budget is the expert's turns (one per hop, one per answer) plus a slack; training draws the slack from a
+  range, so no hint number is new at test time.
 
-The scripted expert keeps a pointer state that grows with N only by the found answers:
-    <think> found A1 A2 ; at SUBJECT ; next ENTITY REL [REL] </think> <search> ENTITY </search>
-    <think> found A1 ... AN ; at done </think> <answer> A1 ; ... ; AN </answer>
-`at` names the subject of the question being worked on (subjects are distinct within an episode), `next` the
-entity to look up and the relations still to follow.
+The scripted expert's state is a pointer:
+    <think> next ENTITY REL [REL] </think> <search> ENTITY </search>     one turn per hop
+    <think> found ANSWER </think> <answer> ANSWER </answer>               then the next question
+`next` names the entity to look up and the relations still to follow: the one thing the agent must remember
+across turns, since the question's slot is gone from its context after the first hop.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ import random
 from dataclasses import dataclass
 
 from ..retrieval import BM25Retriever, Doc
-from .qa import QAProtocol
+from .base import Score
+from .qa import QAProtocol, exact_match, f1
 
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
 MAX_TURNS = 64  # hint numbers 0..MAX_TURNS are vocabulary words
@@ -56,8 +63,7 @@ QUESTIONS = {
     "based_country": ("company", ("based", "country")),
 }
 SLOT = 4  # tokens per question slot
-END = "<q> done"  # the slot after the last question
-STATE_WORDS = ("found", ";", "at", "next", "done", "<q>")
+STATE_WORDS = ("found", "next", "<q>")
 HINT_WORDS = ("[HINT]", "[/HINT]", "turns", "turn", "left", ",", "answer")
 
 
@@ -103,16 +109,17 @@ def hint(turns_left: int) -> str:
     return f"[HINT] {turns_left} turns left [/HINT]"
 
 
-def observation(results, turns_left: int) -> str:
-    """'<information> [hint] doc texts </information>' (titles dropped: each text starts with its name)."""
+def observation(results, turns_left: int, question: str = "") -> str:
+    """'<information> [hint] doc texts </information>' (titles dropped: each text starts with its name); the reply
+    to an answer holds the next question's slot instead of documents."""
     docs = [r[0] if isinstance(r, tuple) else r for r in results]
-    parts = ["<information>", hint(turns_left), *[d.text for d in docs], "</information>"]
+    parts = ["<information>", hint(turns_left), *[d.text for d in docs], question, "</information>"]
     return " ".join(p for p in parts if p)
 
 
 @dataclass
 class Episode(QAProtocol):
-    prompt: str  # '<q> S1 R R <q> S2 R R ... <q> done'
+    prompt: str  # '<q> S1 R R <q> S2 R R ...'
     questions: list[str]
     targets: list[list[str]]  # one alias list per question
     docs: list[Doc]
@@ -129,11 +136,22 @@ class Episode(QAProtocol):
     def observe(self, query: str, turns_left: int) -> str:
         return observation(self.retriever.search([query], self.topk)[0], turns_left)
 
+    def reply(self, answers, turns_left: int) -> str | None:
+        """One answer action per question: the hint and the next question until the N-th answer, then the end."""
+        return None if len(answers) >= self.n else observation([], turns_left, self.questions[len(answers)])
+
+    def score(self, answers) -> Score:
+        """Answer action i against question i (an answer is one entity: no splitting on ';')."""
+        got = [a.strip() for a in answers[:self.n]]
+        ems = [float(exact_match(got[i], t)) if i < len(got) else 0.0 for i, t in enumerate(self.targets)]
+        f1s = [f1(got[i], t) if i < len(got) else 0.0 for i, t in enumerate(self.targets)]
+        return Score(sum(ems), sum(f1s), ems, len(answers), f1s)
+
 
 class SyntheticTask:
-    """Fresh random world per episode. N ~ uniform(n_range); max_turns = 2N + slack, the slack drawn per episode
-    from `slack` (an int, or an inclusive (lo, hi) range capped at MAX_TURNS - 2N: training sees every hint
-    number)."""
+    """Fresh random world per episode. N ~ uniform(n_range); max_turns = the expert's turns (hops + N) + slack, the
+    slack drawn per episode from `slack` (an int, or an inclusive (lo, hi) range capped at MAX_TURNS - the expert's
+    turns: training sees every hint number)."""
 
     def __init__(self, seed: int = 0, n_range: tuple[int, int] = (1, 2), n_persons: int = 16, n_cities: int = 8,
                  n_companies: int = 8, n_countries: int = 6, topk: int = 2, slack: int | tuple[int, int] = 2,
@@ -153,8 +171,8 @@ class SyntheticTask:
             raise ValueError(f"n_range {n_range} must satisfy 1 <= lo <= hi <= {min(subjects, answers)} (distinct "
                              "subjects and distinct answers)")
         slack_lo, slack_hi = (slack, slack) if isinstance(slack, int) else slack
-        if 2 * hi + slack_lo > MAX_TURNS or not 1 <= slack_lo <= slack_hi:
-            raise ValueError(f"slack {slack}: 2*{hi} + slack turns must be in 2N+1..{MAX_TURNS}")
+        if 3 * hi + slack_lo > MAX_TURNS or not 1 <= slack_lo <= slack_hi:
+            raise ValueError(f"slack {slack} at N = {hi}: up to 3N + slack turns, which must be in 3N+1..{MAX_TURNS}")
         self.rng, self.n_range, self.sizes = random.Random(seed), (lo, hi), sizes
         self.topk, self.slack, self.question_types = topk, (slack_lo, slack_hi), tuple(question_types)
 
@@ -197,37 +215,43 @@ class SyntheticTask:
             used |= {s, answer(s, rels)}
         questions = [question(s, rels) for s, rels in plan]
         docs = [Doc(str(j), c) for j, c in enumerate(docs)]
-        return Episode(" ".join(questions + [END]), questions, [[answer(s, r)] for s, r in plan], docs,
-                       BM25Retriever(docs), plan, facts, max_turns=2 * n + rng.randint(self.slack[0], max(
-                           self.slack[0], min(self.slack[1], MAX_TURNS - 2 * n))), topk=self.topk)
+        turns = sum(len(rels) for _, rels in plan) + n  # the expert's: one per hop, one per answer
+        slack = rng.randint(self.slack[0], max(self.slack[0], min(self.slack[1], MAX_TURNS - turns)))
+        return Episode(" ".join(questions), questions, [[answer(s, r)] for s, r in plan], docs, BM25Retriever(docs),
+                       plan, facts, max_turns=turns + slack, topk=self.topk)
 
 
-def _think(found: list[str], subject: str | None = None, entity: str | None = None, rels=()) -> str:
-    rest = ["at", subject, ";", "next", entity, *rels] if subject else ["at", "done"]
-    return " ".join(["<think>", "found", *found, ";", *rest, "</think>"])
-
-
-def expert_generations(episode: Episode) -> list[str]:
-    """The expert's full generation per turn: one search per hop, then the answer. Uses the world's facts."""
-    found, gens = [], []
-    for subject, rels in episode.plan:
-        entity = subject
+def expert_generations(episode: Episode, shortcut: float = 0.0, rng: random.Random | None = None) -> list[str]:
+    """The expert's full generation per turn: one search per hop, then that question's answer. Uses the world's
+    facts. With `shortcut` > 0 it is a hasty teacher: on each two-hop question, with that probability, it answers
+    with the entity of the first hop (the bridge entity, a weaker model's classic multi-hop mistake)."""
+    if shortcut and rng is None:
+        raise ValueError("a hasty expert (shortcut > 0) needs an rng")
+    gens = []
+    for entity, rels in episode.plan:
+        if len(rels) > 1 and shortcut and rng.random() < shortcut:
+            rels = rels[:1]
         for i, rel in enumerate(rels):
-            gens.append(f"{_think(found, subject, entity, rels[i:])} <search> {entity} </search>")
+            gens.append(f"<think> next {entity} {' '.join(rels[i:])} </think> <search> {entity} </search>")
             entity = episode.facts[entity, rel]
-        found.append(entity)
-    gens.append(f"{_think(found)} <answer> {' ; '.join(found)} </answer>")
+        gens.append(f"<think> found {entity} </think> <answer> {entity} </answer>")
     return gens
 
 
-def expert_trajectory(episode: Episode) -> list[tuple[str, str]]:
-    """(generation, observation) per turn, observations from the episode's retriever with MEM1's hint rule
-    (turns_left = max_turns - turn - 1); the answer turn gets ''."""
-    gens = expert_generations(episode)
+def expert_trajectory(episode: Episode, shortcut: float = 0.0, rng: random.Random | None = None
+                      ) -> list[tuple[str, str]]:
+    """(generation, observation) per turn, as the agent loop would produce them: search results from the episode's
+    retriever, the environment's reply to each answer, MEM1's hint rule (turns_left = max_turns - turn - 1); the
+    last answer gets ''. `shortcut`: see expert_generations."""
+    gens = expert_generations(episode, shortcut, rng)
     if len(gens) > episode.max_turns:
         raise ValueError(f"expert needs {len(gens)} turns, episode allows {episode.max_turns}")
-    out = []
+    out, answers = [], []
     for j, g in enumerate(gens):
-        query = g.split("<search>", 1)[1].split("</search>", 1)[0].strip() if "<search>" in g else None
-        out.append((g, episode.observe(query, episode.max_turns - j - 1) if query is not None else ""))
+        act, left = episode.parse_action(g), episode.max_turns - j - 1
+        if act.kind == "search":
+            out.append((g, episode.observe(act.content, left)))
+        else:
+            answers.append(act.content)
+            out.append((g, episode.reply(answers, left) or ""))
     return out
