@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mem1_fast.rollout import HFEngine
+from mem1_fast.rollout.paged import PagedEngine
 from mem1_fast.tiny import tiny_model, tiny_qwen2, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)] + ["<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>"]
@@ -31,11 +32,12 @@ def naive_greedy(model, ids, pos, n, stop_ids):
     return out
 
 
+@pytest.mark.parametrize("engine", [HFEngine, PagedEngine])
 @pytest.mark.parametrize("mode", ["recompute", "retain"])
-def test_cached_greedy_equals_cache_free_context(model_tok, mode):
+def test_cached_greedy_equals_cache_free_context(model_tok, mode, engine):
     model, tok = model_tok
     rng = random.Random(0)
-    eng = HFEngine(model, tok, mode, max_new_tokens=8, greedy=True)
+    eng = engine(model, tok, mode, max_new_tokens=8, greedy=True)
     prompts = [[rng.randrange(3, 40) for _ in range(rng.randrange(2, 9))] for _ in range(4)]
     eng.start(prompts)
     gens = eng.step(range(4))
@@ -119,13 +121,14 @@ def test_engine_uses_the_current_cache_api(model_tok, mode):
     assert not bad, [f"{w.category.__name__}: {w.message}" for w in bad]
 
 
+@pytest.mark.parametrize("engine", [HFEngine, PagedEngine])
 @pytest.mark.parametrize("mode", ["recompute", "retain", "full"])
-def test_kv_accounting_follows_the_mode_plan(model_tok, mode):
+def test_kv_accounting_follows_the_mode_plan(model_tok, mode, engine):
     """recompute re-encodes the last generation every turn; retain and full encode only the new observation; full
     never evicts."""
     model, tok = model_tok
     rng = random.Random(4)
-    eng = HFEngine(model, tok, mode, max_new_tokens=6, temperature=1.0, seed=2)
+    eng = engine(model, tok, mode, max_new_tokens=6, temperature=1.0, seed=2)
     prompts = [[rng.randrange(3, 40) for _ in range(5)], [rng.randrange(3, 40) for _ in range(3)]]
     eng.start(prompts)
     gens = [eng.step([0, 1])]
