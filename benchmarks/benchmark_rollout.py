@@ -1,4 +1,4 @@
-"""Rollout throughput: the vLLM engine against the HF engine, same episodes, same batch, `recompute`.
+"""Rollout throughput: the vLLM and paged engines against the HF engine, same episodes, same batch, `recompute`.
 
 64 episodes (16 questions x 4 samples, as one RL step of the default) driven for 4 turns of up to 24 sampled tokens;
 between turns each episode gets an observation of 20 tokens. Random-weight models do not emit the stop tags, so
@@ -114,7 +114,7 @@ def _run(engine, config):
 @pytest.mark.parametrize("config", ["default", "qwen2-512x8-v32k"])
 def test_rollout_throughput(benchmark, config):
     # vllm: eager (the CPU default); vllm-compiled: inductor (what enforce_eager=False gives)
-    engines = ["hf"] + (["vllm", "vllm-compiled"] if _importable("vllm") else []) + ["ceiling"]
+    engines = ["hf", "paged"] + (["vllm", "vllm-compiled"] if _importable("vllm") else []) + ["ceiling"]
     group = f"rollout recompute {config}: {EPISODES} episodes x {TURNS} turns x <= {NEW_TOKENS} tokens, fp32 CPU"
     results = {}
     for engine in engines:

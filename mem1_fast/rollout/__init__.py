@@ -1,4 +1,5 @@
-"""Rollouts: the engine contract and registry (base.py), one file per engine (hf.py, paged.py, vllm.py), the MEM1 agent loop (agent.py).
+"""Rollouts: the engine contract and registry (base.py), one file per engine (hf.py, paged.py, vllm.py), the MEM1
+agent loop (agent.py).
 
     from mem1_fast.rollout import create, run_episodes
     engine = create("hf", model, tok, "recompute", max_new_tokens=24, temperature=1.0, greedy=False, seed=0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -82,7 +82,6 @@ def _attention(model, batch: _Batch):
 @dataclass
 class _PagedEpisode(_Episode):
     kv: SequenceKV | None = None
-    held_blocks_peak: int = field(default=0)
 
 
 class PagedEngine(HFEngine):
@@ -197,7 +196,6 @@ class PagedEngine(HFEngine):
                 end = first + i + 1
                 runs_per_row.append([(a, min(e, end)) for a, e in live if a < end])
             ep.stats.peak_kv_tokens = max(ep.stats.peak_kv_tokens, t.live_tokens)
-            ep.held_blocks_peak = max(ep.held_blocks_peak, len(t.blocks))
         K = max(1, max(len(r) for r in runs_per_row))
         lo = torch.zeros(len(seq), K, dtype=torch.int32)
         hi = torch.zeros(len(seq), K, dtype=torch.int32)

@@ -14,7 +14,7 @@ lookup has a fixed shape), which is what lets an agent trained on N <= 4 work at
 - the agent answers each question with its own answer action as soon as it has it; the environment replies with
   the hint and the next question's slot, and ends the episode after the N-th answer. So the state never carries a
   list that grows with N, and the agent never has to find its place in a prompt longer than any it trained on.
-  Two earlier designs failed at exactly those points (README, "Why this task"): one final answer, with every
+  Two earlier designs failed at exactly those points (README, "Why this shape"): one final answer, with every
   found answer kept in the state (the tiny model never copied more than the 3 answers a training state held:
   EM 0.00-0.06 at N = 8), and one answer per question but the next question found in the prompt (by position, or by
   a question ID: right 10-19% of the time at N = 4, 2-3% at N = 8, while every other kind of turn was right
