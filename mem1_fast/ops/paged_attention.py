@@ -10,7 +10,7 @@ intervals of slots row t sees, in Visibility's form (slot s of a sequence is off
 block_table[b, s // block_size]); evicted slots that still sit in a live block are simply left out of the
 intervals. A row that sees no slot outputs 0.
 
-Backends: "reference" (plain PyTorch below: per sequence it gathers only the slot span its rows' intervals cover).
+Backends: "reference" (plain PyTorch below: each row gathers only the slot span its own intervals cover).
 The kernel backends (a C++ one for CPUs, a Triton one for GPUs) read K/V through the table in place.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ import math
 import torch
 
 from ._dispatch import Backends
+
+REFERENCE_CHUNK = 256  # query rows per gather of the reference: bounds its memory to chunk x span per head
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -62,36 +64,43 @@ def _check_inputs(q, k_cache, v_cache, block_table, seq, lo, hi):
         raise ValueError("paged_attention: an interval reaches past the blocks its sequence's table holds")
 
 
-def paged_attention_reference(q, k_cache, v_cache, block_table, seq, lo, hi, scale: float):
-    """Per sequence: gather the slot span its rows' intervals cover (never the whole cache), mask, softmax in fp32
-    (fp64 for fp64 inputs)."""
+def paged_attention_reference(q, k_cache, v_cache, block_table, seq, lo, hi, scale: float,
+                              chunk: int = REFERENCE_CHUNK):
+    """Chunks of rows, each row gathering the slot span its own intervals cover (never a whole sequence's cache
+    nor the pool), masked; softmax in fp32 (fp64 for fp64 inputs). One batched gather per chunk: no loop over
+    sequences."""
     T, Hq, D = q.shape
-    bs, g = k_cache.shape[1], Hq // k_cache.shape[2]
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    g = Hq // Hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_zeros(T, Hq, D)
-    lo64, hi64, seq64 = lo.long(), hi.long(), seq.long()
-    for b in torch.unique(seq64).tolist():
-        rows = (seq64 == b).nonzero().squeeze(1)
-        l, h = lo64[rows], hi64[rows]
-        ne = h > l
-        if not bool(ne.any()):
+    lo64, hi64 = lo.long(), hi.long()
+    ne = hi64 > lo64
+    big = torch.iinfo(torch.int64).max
+    s0 = torch.where(ne, lo64, big).amin(1)  # [T] first slot a row sees (big: none)
+    s1 = torch.where(ne, hi64, 0).amax(1)
+    for c0 in range(0, T, chunk):
+        rows = torch.arange(c0, min(c0 + chunk, T), device=q.device)
+        live = s1[rows] > 0
+        rows = rows[live]
+        if rows.numel() == 0:
             continue
-        s0, s1 = int(l[ne].min()), int(h[ne].max())
-        slots = torch.arange(s0, s1, device=q.device)
-        blocks = block_table[b].long()[slots // bs]
-        ks = k_cache[blocks, slots % bs].to(acc).repeat_interleave(g, dim=1)  # [n, Hq, D]
-        vs = v_cache[blocks, slots % bs].to(acc).repeat_interleave(g, dim=1)
-        mask = ((slots >= l[:, :, None]) & (slots < h[:, :, None])).any(1)  # [rows, n]
-        # slots in the span that no row sees may hold anything (never-written memory): 0 * NaN would spread it
-        seen = mask.any(0)[:, None, None]
-        ks, vs = torch.where(seen, ks, 0.0), torch.where(seen, vs, 0.0)
-        scores = torch.einsum("rhd,nhd->hrn", q[rows].to(acc), ks) * scale
-        scores = scores.masked_fill(~mask, -math.inf)
-        m = scores.amax(-1, keepdim=True)
-        p = torch.exp(scores - torch.where(torch.isfinite(m), m, 0.0)).masked_fill(~mask, 0.0)
-        denom = p.sum(-1, keepdim=True)
-        p = p / torch.where(denom > 0, denom, 1.0)  # a row that sees nothing outputs 0
-        out[rows] = torch.einsum("hrn,nhd->rhd", p, vs).to(q.dtype)
+        a, e = s0[rows], s1[rows]
+        S = int((e - a).max())
+        slots = a[:, None] + torch.arange(S, device=q.device)  # [r, S]
+        mask = ((slots[:, None, :] >= lo64[rows][:, :, None]) & (slots[:, None, :] < hi64[rows][:, :, None])).any(1)
+        slots = torch.where(mask, slots, 0)  # unseen positions read slot 0 (any valid slot), then are masked out
+        blocks = block_table[seq[rows].long()[:, None], slots // bs].long()
+        ks = k_cache[blocks, slots % bs].to(acc)  # [r, S, Hkv, D]
+        vs = v_cache[blocks, slots % bs].to(acc)
+        # slots no row sees may hold anything (never-written memory): 0 * NaN would spread it
+        ks = torch.where(mask[:, :, None, None], ks, 0.0)
+        vs = torch.where(mask[:, :, None, None], vs, 0.0)
+        qr = q[rows].to(acc).view(-1, Hkv, g, D)  # GQA: query head h reads key/value head h // g
+        scores = torch.einsum("rkgd,rskd->rkgs", qr, ks) * scale
+        scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
+        p = torch.softmax(scores, -1)  # every row here sees at least one slot
+        out[rows] = torch.einsum("rkgs,rskd->rkgd", p, vs).reshape(-1, Hq, D).to(q.dtype)
     return out
 
 
