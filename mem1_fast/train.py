@@ -68,7 +68,7 @@ class Args(TaskOptions):
     """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout; 'full' is the
     full-context baseline (every turn keeps the whole history)"""
     engine: Literal[rollout.names()] = "hf"
-    """rollout engine: 'hf' runs the trainer's own model (exact log-probs)"""
+    """rollout engine: 'hf' runs the trainer's own model (exact log-probs); 'paged' too, over a paged KV cache"""
     n_min: int = 1
     """fewest objectives (questions) per synthetic episode"""
     n_max: int = 4
@@ -85,8 +85,8 @@ class Args(TaskOptions):
     max_new_tokens: int = 24
     """tokens generated per turn at most"""
     temperature: float = 0.7
-    """sampling temperature (the trainer scores tokens at the same temperature). 0.7: at 1.0 a 500-step warm
-    start of the default scored 0.2 EM sampled against 0.52 greedy, and 60 RL steps did not raise its greedy EM"""
+    """sampling temperature (the trainer scores tokens at the same temperature); 0.7 for the tiny default, whose
+    samples at 1.0 were too noisy for RL to move its greedy policy (README, "The CPU default")"""
     lr: float = 3e-4
     """learning rate of the RL phase (AdamW)"""
     advantage: Literal[advantages.names()] = "grpo"

@@ -111,7 +111,7 @@ class PagedEngine(HFEngine):
     def release(self) -> None:
         """Give every block of the current batch back to the pool."""
         for ep in self.episodes:
-            if getattr(ep, "kv", None) is not None:
+            if ep.kv is not None:
                 ep.kv.free()
                 ep.kv = None
 

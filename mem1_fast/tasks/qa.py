@@ -179,6 +179,11 @@ def score_answers(answer_content: str, targets: list[list[str]]) -> Score:
     if not targets:
         raise ValueError("score_answers needs at least one target")
     preds = [p.strip() for p in answer_content.split(";")] if answer_content.strip() else []
+    return score_predictions(preds, targets)
+
+
+def score_predictions(preds: list[str], targets: list[list[str]]) -> Score:
+    """Prediction i against target i (alias list); extra predictions are ignored, missing ones score 0."""
     ems = [float(exact_match(preds[i], t)) if i < len(preds) else 0.0 for i, t in enumerate(targets)]
     f1s = [f1(preds[i], t) if i < len(preds) else 0.0 for i, t in enumerate(targets)]
     return Score(sum(ems), sum(f1s), ems, len(preds), f1s)

@@ -14,11 +14,9 @@ lookup has a fixed shape), which is what lets an agent trained on N <= 4 work at
 - the agent answers each question with its own answer action as soon as it has it; the environment replies with
   the hint and the next question's slot, and ends the episode after the N-th answer. So the state never carries a
   list that grows with N, and the agent never has to find its place in a prompt longer than any it trained on.
-  Two earlier designs failed at exactly those points (README, "Why this shape"): one final answer, with every
-  found answer kept in the state (the tiny model never copied more than the 3 answers a training state held:
-  EM 0.00-0.06 at N = 8), and one answer per question but the next question found in the prompt (by position, or by
-  a question ID: right 10-19% of the time at N = 4, 2-3% at N = 8, while every other kind of turn was right
-  >= 95% of the time at N = 8). Peak memory grows with N only by the prompt;
+  Two earlier designs failed at exactly those points (measured: README, "Why this shape"): one final answer with
+  every found answer carried in the state (the tiny model did not copy lists longer than it had written), and the
+  agent finding its next question in the prompt itself. Peak memory grows with N only by the prompt;
 - the turn budget is the expert's turns (one per hop, one per answer) plus a slack; training draws the slack from a
   range, so no hint number is new at test time.
 
@@ -35,7 +33,7 @@ from dataclasses import dataclass
 
 from ..retrieval import BM25Retriever, Doc
 from .base import Score
-from .qa import QAProtocol, exact_match, f1
+from .qa import QAProtocol, score_predictions
 
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
 MAX_TURNS = 64  # hint numbers 0..MAX_TURNS are vocabulary words
@@ -142,10 +140,7 @@ class Episode(QAProtocol):
 
     def score(self, answers) -> Score:
         """Answer action i against question i (an answer is one entity: no splitting on ';')."""
-        got = [a.strip() for a in answers[:self.n]]
-        ems = [float(exact_match(got[i], t)) if i < len(got) else 0.0 for i, t in enumerate(self.targets)]
-        f1s = [f1(got[i], t) if i < len(got) else 0.0 for i, t in enumerate(self.targets)]
-        return Score(sum(ems), sum(f1s), ems, len(answers), f1s)
+        return score_predictions([a.strip() for a in answers], self.targets)
 
 
 class SyntheticTask:
