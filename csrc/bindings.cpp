@@ -54,6 +54,13 @@ TORCH_LIBRARY(mem1_fast, m) {
         "Tensor? token_weights=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Which row-kernel body `isa` resolves to for probe's dtype: "avx512", "avx2" or "generic".
   m.def("logprob_entropy_cpu_isa(Tensor probe, int isa=-1) -> str");
+
+  // Attention of new tokens over a paged KV cache (mem1_fast/ops/paged_attention.py), CPU kernel in
+  // csrc/cpu/paged_attention.cpp. q [T, Hq, D], k_cache/v_cache [num_blocks, block_size, Hkv, D] (contiguous),
+  // block_table int32 [B, max_blocks] (-1 past a sequence's end), seq int32 [T], lo/hi int32 [T, K] slot intervals.
+  // Returns out [T, Hq, D] in q's dtype (0 for a row that sees no slot).
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq, Tensor lo, "
+        "Tensor hi, float scale) -> Tensor");
 }
 
 #ifndef TORCH_EXTENSION_NAME

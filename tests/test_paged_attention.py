@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from mem1_fast.ops.paged_attention import BACKENDS, paged_attention
+from mem1_fast.ops.paged_attention import BACKENDS, available_backends, paged_attention
 from mem1_fast.rollout.kv_pool import BlockPool, SequenceKV
 
 
@@ -90,9 +90,16 @@ def oracle(q, logical, seq, seen, scale, g):
     return out
 
 
+def _need(backend):
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"the {backend} backend does not run on this machine's CPU (triton: TRITON_INTERPRET=1; cpp: the "
+                    "C++ extension)")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed,block_size", [(0, 1), (1, 4), (2, 16), (3, 5)])
 def test_matches_the_oracle(backend, seed, block_size):
+    _need(backend)
     k_cache, v_cache, table, seqs, logical = build(seed, block_size)
     rng = random.Random(100 + seed)
     seq, lo, hi, seen = rows_for(seqs, rng)
@@ -119,15 +126,88 @@ def test_matches_the_oracle(backend, seed, block_size):
     assert (wrong - want).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_the_reference(backend, dtype):
+    """fp16 / bf16 caches: fp32 accumulation, so every backend is within the inputs' rounding of the fp64 oracle."""
+    _need(backend)
+    k_cache, v_cache, table, seqs, logical = build(7, 16)
+    seq, lo, hi, seen = rows_for(seqs, random.Random(7))
+    q = torch.randn(len(seq), 4, k_cache.shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    kc, vc = k_cache.nan_to_num(0.0).to(dtype), v_cache.nan_to_num(0.0).to(dtype)
+    want = paged_attention(q.to(dtype).double(), kc.double(), vc.double(), table, seq, lo, hi, backend="reference")
+    got = paged_attention(q.to(dtype), kc, vc, table, seq, lo, hi, backend=backend)
+    assert got.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3  # one rounding of the output
+    assert (got.double() - want).abs().max() < tol
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_triton_split_k_merges_exactly(splits):
+    """Split-K: every split count gives the oracle's output (splits that see nothing merge as zero weight)."""
+    _need("triton")
+    from mem1_fast.triton_kernels import paged_attention as tk
+    k_cache, v_cache, table, seqs, logical = build(11, 4, turns=8)
+    seq, lo, hi, seen = rows_for(seqs, random.Random(11))
+    q = torch.randn(len(seq), 4, k_cache.shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    scale = 1 / math.sqrt(q.shape[-1])
+    want = oracle(q, logical, seq, seen, scale, 2)
+    got = tk.forward(q, k_cache, v_cache, table, seq, lo, hi, scale, splits=splits)
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_index_errors(backend):
+    """The CPU kernel checks every index it reads, the reference checks them up front: bad tables raise, they
+    never read out of bounds."""
+    _need(backend)
+    q, kc = torch.zeros(2, 4, 8), torch.zeros(4, 2, 2, 8)
+    table, seq = torch.tensor([[0, 1]], dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    lo, hi = torch.zeros(2, 1, dtype=torch.int32), torch.tensor([[2], [5]], dtype=torch.int32)
+    err = (ValueError, RuntimeError)
+    with pytest.raises(err, match="past"):  # slot 4 lies in a third block the table does not have
+        paged_attention(q, kc, kc, table, seq, lo, hi, backend=backend)
+    with pytest.raises(err, match="seq"):
+        paged_attention(q, kc, kc, table, seq + 1, lo, hi[:, :] * 0 + 2, backend=backend)
+    with pytest.raises(err, match="block"):  # a block id the cache does not have
+        paged_attention(q, kc, kc, table + 4, seq, lo, hi * 0 + 2, backend=backend)
+    with pytest.raises(err, match="lo <= hi|interval"):
+        paged_attention(q, kc, kc, table, seq, lo + 3, hi * 0 + 2, backend=backend)
+
+
 def test_errors():
     q, kc = torch.zeros(2, 4, 8), torch.zeros(4, 2, 2, 8)
     table, seq = torch.tensor([[0, 1]], dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
     lo, hi = torch.zeros(2, 1, dtype=torch.int32), torch.tensor([[2], [5]], dtype=torch.int32)
-    with pytest.raises(ValueError, match="reaches past the blocks"):
-        paged_attention(q, kc, kc, table, seq, lo, hi)
     with pytest.raises(ValueError, match="int32"):
         paged_attention(q, kc, kc, table.long(), seq, lo, hi)
     with pytest.raises(ValueError, match="query heads"):
         paged_attention(torch.zeros(2, 3, 8), kc, kc, table, seq, lo, hi)
-    with pytest.raises(ValueError, match="seq must index"):
-        paged_attention(q, kc, kc, table, seq + 1, lo, hi)
+    with pytest.raises(ValueError, match="contiguous"):
+        paged_attention(q, kc.transpose(0, 1), kc.transpose(0, 1), table, seq, lo, hi)
+
+
+def test_triton_kernels_compile_for_sm80_and_sm90a_without_spills():
+    """GPU readiness without a GPU: the paged decode and combine kernels of every shipped configuration (fp16 / bf16 /
+    fp32, D = 64 / 128, GQA groups 1 / 4 / 8) compile for sm_80 and sm_90a, with no register spill and within the
+    shared memory of an A100 / H100. Un-interpreted, so in a subprocess without TRITON_INTERPRET."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton_compile import SMEM_LIMIT
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, str(root / "tools" / "triton_compile.py"), "paged_attention", "--json"],
+                       capture_output=True, text=True, env=env, timeout=1800)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in ("paged", "combine") for a in SMEM_LIMIT}
+    assert len(rows) == 2 * 3 * 2 * (3 + 1)
+    for r in rows:
+        assert r["stack"] == 0 and r["local"] == 0, f"spill: {r}"
+        assert r["smem"] <= SMEM_LIMIT[r["arch"]], r

@@ -10,8 +10,10 @@ intervals of slots row t sees, in Visibility's form (slot s of a sequence is off
 block_table[b, s // block_size]); evicted slots that still sit in a live block are simply left out of the
 intervals. A row that sees no slot outputs 0.
 
-Backends: "reference" (plain PyTorch below: each row gathers only the slot span its own intervals cover).
-The kernel backends (a C++ one for CPUs, a Triton one for GPUs) read K/V through the table in place.
+Backends: "cpp" (csrc/cpu/paged_attention.cpp, the CPU default), "triton" (triton_kernels/paged_attention.py, the
+GPU default: paged decode with split-K over the slots, GQA) and "reference" (plain PyTorch below: each row gathers
+only the slot span its own intervals cover). The kernels read K/V through the table in place and check every index
+they read; the reference checks the index values here first (reductions over lo/hi the kernels need not pay).
 """
 from __future__ import annotations
 
@@ -27,15 +29,16 @@ REFERENCE_CHUNK = 256  # query rows per gather of the reference: bounds its memo
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     seq: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float | None = None,
                     backend: str | None = None) -> torch.Tensor:
-    _check_inputs(q, k_cache, v_cache, block_table, seq, lo, hi)
+    _check_shapes(q, k_cache, v_cache, block_table, seq, lo, hi)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = _backends.pick(backend, q)
     if name == "reference":
+        _check_indices(q, k_cache, block_table, seq, lo, hi)
         return paged_attention_reference(q, k_cache, v_cache, block_table, seq, lo, hi, scale)
     return _backends.module(name).forward(q, k_cache, v_cache, block_table, seq, lo, hi, scale)
 
 
-def _check_inputs(q, k_cache, v_cache, block_table, seq, lo, hi):
+def _check_shapes(q, k_cache, v_cache, block_table, seq, lo, hi):
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"paged_attention: q must be [T, Hq, D] and k_cache, v_cache one shape [blocks, block_size, "
                          f"Hkv, D], got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -52,10 +55,22 @@ def _check_inputs(q, k_cache, v_cache, block_table, seq, lo, hi):
     if block_table.dim() != 2 or seq.shape != (T,) or lo.dim() != 2 or lo.shape != hi.shape or lo.shape[0] != T:
         raise ValueError(f"paged_attention: block_table must be [B, max_blocks], seq [T={T}], lo and hi [T, K], got "
                          f"{tuple(block_table.shape)}, {tuple(seq.shape)}, {tuple(lo.shape)}, {tuple(hi.shape)}")
+    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("paged_attention: k_cache and v_cache must be contiguous (a pool's storage)")
+    devs = {x.device for x in (q, k_cache, v_cache, block_table, seq, lo, hi)}
+    if len(devs) > 1:
+        raise ValueError(f"paged_attention: every input must be on one device, got {sorted(map(str, devs))}")
+
+
+def _check_indices(q, k_cache, block_table, seq, lo, hi):
+    T = q.shape[0]
     if T and (int(seq.min()) < 0 or int(seq.max()) >= block_table.shape[0]):
         raise ValueError(f"paged_attention: seq must index the {block_table.shape[0]} rows of block_table")
     if T and bool((lo > hi).any() | (lo < 0).any()):
         raise ValueError("paged_attention: every interval needs 0 <= lo <= hi")
+    if bool((block_table >= k_cache.shape[0]).any()):
+        raise ValueError(f"paged_attention: block_table names a block the cache does not have (it has "
+                         f"{k_cache.shape[0]})")
     # every slot an interval covers must lie in a block the table holds
     bs = k_cache.shape[1]
     held = (block_table >= 0).sum(1).to(torch.int32) * bs  # slots held per sequence (tables are dense from 0)
@@ -108,7 +123,8 @@ class _Reference:
     available = staticmethod(lambda device: True)
 
 
-_backends = Backends("paged_attention", {"reference": _Reference}, env="MEM1_FAST_PAGED_BACKEND",
-                     prefer={"cpu": (), "cuda": ()})
+_backends = Backends("paged_attention", {"cpp": "._cpp_paged_attention",
+                                         "triton": "mem1_fast.triton_kernels.paged_attention", "reference": _Reference},
+                     env="MEM1_FAST_PAGED_BACKEND", prefer={"cpu": ("cpp",), "cuda": ("triton",)})
 BACKENDS = _backends.names
 available_backends = _backends.available
