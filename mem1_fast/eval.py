@@ -34,7 +34,8 @@ from .train import TaskOptions, UsageError
 
 def summarize(trajs, wall_s: float | None = None) -> dict:
     """Per-episode statistics (EpisodeStats in `Trajectory.info`) averaged: EM and F1 per objective, answered and
-    valid rates, turns, searches, peak KV tokens (mean and max over episodes), tokens generated; with the wall
+    valid rates, turns, searches, peak KV tokens (mean and max over episodes) and bytes, tokens prefilled (all, re-encoded,
+    new), tokens generated; with the wall
     time of the batch, the seconds per turn (one engine step serves one turn of every live episode)."""
     n = len(trajs)
     if n == 0:
@@ -53,6 +54,9 @@ def summarize(trajs, wall_s: float | None = None) -> dict:
         "peak_kv_tokens_max": max(t.info.peak_kv_tokens for t in trajs),
         "prefilled_tokens": sum(t.info.prefilled_tokens for t in trajs) / n,
         "reencoded_tokens": sum(t.info.reencoded_tokens for t in trajs) / n,
+        # the tokens only the new observations (and turn 0's question) needed: prefilled minus re-encoded
+        "prefilled_new_tokens": sum(t.info.prefilled_tokens - t.info.reencoded_tokens for t in trajs) / n,
+        "peak_kv_bytes": sum(t.info.peak_kv_bytes for t in trajs) / n,
         "generated_tokens": sum(t.num_generated() for t in trajs) / n,
     }
     if wall_s is not None:

@@ -720,6 +720,7 @@ def main(args: Args):
         state["rl_step"] = step + 1
         elapsed = time.time() - t0
         rec = {"phase": "rl", "step": step + 1, **episode_metrics(trajs, "rollout"), **stats,
+               **{f"rollout/{k}": v for k, v in engine.pool_stats().items()},
                "skipped_update": skipped, "trained_tokens": sum(lengths), "packed_batches": len(batches),
                "packed_tokens": sum(b.num_tokens for b in batches),
                "shared_question_tokens_saved": sum(b.saved_tokens for b in batches),

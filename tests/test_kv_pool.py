@@ -45,6 +45,9 @@ class Harness:
             seen = {p: self.storage[table.blocks[s // bs], s % bs] for s, p in enumerate(table.position) if p >= 0}
             assert seen == model  # its own tokens, every one of them, nothing evicted
             assert table.live_tokens == len(model)
+            live = [s for s, p in enumerate(table.position) if p >= 0]  # the runs, as slots, against the positions
+            assert [s for a, e in table.runs for s in range(a, e)] == live
+            assert all(e0 < a1 for (_, e0), (a1, _) in zip(table.runs, table.runs[1:]))  # maximal: gaps between
         assert counts == self.pool.refcount
         assert self.pool.num_free == counts.count(0)
 

@@ -40,6 +40,15 @@ def test_retain_encodes_only_the_observation_and_memory_stays_flat(model_tok):
     for i in range(3):
         st = eng.kv_stats(i)
         assert st.reencoded_tokens == 0 and st.prefilled_tokens == 40 + 20 * 15  # q once, then observations only
+        assert [(t.prefilled, t.reencoded) for t in st.turns] == [(40, 0)] + [(20, 0)] * 15  # counted per turn
+        # flat memory, in the bytes the episode holds: turn 16 within 1.2x of turn 2
+        assert len(st.turns) == 16 and st.turns[15].kv_bytes <= 1.2 * st.turns[1].kv_bytes, [
+            t.kv_bytes for t in st.turns]
+    pool = eng.pool_stats()
+    blocks_now = sum(eng.blocks_held(i) for i in range(3))
+    assert pool["kv_pool_blocks_used"] == eng.pool.num_blocks - eng.pool.num_free <= blocks_now
+    assert blocks_now <= pool["kv_pool_peak_blocks_used"] <= 3 * (40 // 8 + 2 * (20 + 12) // 8 + 3)
+    assert pool["kv_pool_peak_bytes"] == pool["kv_pool_peak_blocks_used"] * eng.block_bytes
     # KV blocks per sequence at turn 16 against turn 2: bounded by q + two turns, not growing with the history
     for i in range(3):
         assert held[-1][i] <= 1.2 * held[1][i] + 1, [h[i] for h in held]
@@ -81,14 +90,28 @@ def test_same_greedy_turns_as_the_hf_engine(model_tok, mode):
     prompts = [[random.Random(i).randrange(3, 40) for _ in range(3 + 4 * i)] for i in range(4)]
     out = {}
     for engine in (HFEngine, PagedEngine):
-        eng = engine(model, tok, mode, max_new_tokens=10, greedy=True)
+        eng = engine(model, tok, mode, max_new_tokens=10, greedy=True, **({"block_size": 4} if engine is PagedEngine else {}))
         gens, _ = turns(eng, prompts, 5, random.Random(9), greedy=True)
         out[engine] = (gens, [eng.kv_stats(i) for i in range(4)])
     for turn_a, turn_b in zip(out[HFEngine][0], out[PagedEngine][0]):
         for a, b in zip(turn_a, turn_b):
             assert a.token_ids == b.token_ids and a.finish == b.finish
             assert (torch.tensor(a.logprobs) - torch.tensor(b.logprobs)).abs().max() < 1e-5
-    assert out[HFEngine][1] == out[PagedEngine][1]  # peak KV, prefilled and re-encoded tokens
+    from mem1_fast.rollout.base import kv_bytes_per_token
+    bpt = kv_bytes_per_token(model)
+    for a, b in zip(out[HFEngine][1], out[PagedEngine][1]):
+        # the same tokens per turn: held, prefilled, re-encoded
+        assert (a.peak_kv_tokens, a.prefilled_tokens, a.reencoded_tokens) == (b.peak_kv_tokens, b.prefilled_tokens,
+                                                                             b.reencoded_tokens)
+        assert [(t.prefilled, t.reencoded, t.kv_tokens) for t in a.turns] == [
+            (t.prefilled, t.reencoded, t.kv_tokens) for t in b.turns]
+        assert len(a.turns) == 5
+        # bytes: the HF engine stores exactly the live tokens, the paged one whole blocks (less than one block of
+        # dead slots more per run of live ones)
+        assert all(t.kv_bytes == t.kv_tokens * bpt and t.kv_blocks == 0 for t in a.turns)
+        for t in b.turns:
+            assert t.kv_bytes == t.kv_blocks * 4 * bpt and t.kv_tokens <= t.kv_blocks * 4
+        assert b.peak_kv_bytes == max(t.kv_bytes for t in b.turns)
 
 
 def test_the_trainer_runs_on_it(tmp_path):

@@ -26,87 +26,136 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define MEM1_PA_X86 1
+#else
+#define MEM1_PA_X86 0
+#endif
+#define MEM1_PA_INLINE inline __attribute__((always_inline))
 
 namespace mem1_fast {
 namespace {
 
+// q . k with 8 independent partial sums: the compiler vectorizes the lanes (one sum would be a serial chain, which
+// it may not reorder without -ffast-math).
+template <typename scalar_t, typename acc_t>
+MEM1_PA_INLINE acc_t dot(const acc_t* q, const scalar_t* k, int64_t D) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int u = 0; u < 8; ++u) part[u] += q[d + u] * static_cast<acc_t>(k[d + u]);
+  for (; d < D; ++d) part[0] += q[d] * static_cast<acc_t>(k[d]);
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+template <typename scalar_t>
+struct Paged {
+  const scalar_t *Q, *KC, *VC;
+  const int32_t *TAB, *SEQ, *LO, *HI;
+  scalar_t* O;
+  int64_t Hq, D, NB, BS, Hkv, G, K, B, MAXB;
+  double scale;
+};
+
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> qf, acc, s;
+  std::vector<int64_t> off;  // cache offset (in elements) of each visible slot's row for this head
+};
+
+// Row t, key/value head h: its G query heads over the row's visible slots.
+template <typename scalar_t, typename acc_t>
+MEM1_PA_INLINE void attend(const Paged<scalar_t>& P, int64_t t, int64_t h, Scratch<acc_t>& S) {
+  const int64_t D = P.D, G = P.G, K = P.K, BS = P.BS;
+  const int64_t b = P.SEQ[t];
+  TORCH_CHECK(b >= 0 && b < P.B, "paged_attention: seq[", t, "] = ", b, " is not a row of the block table");
+  S.off.clear();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t a = P.LO[t * K + k], e = P.HI[t * K + k];
+    TORCH_CHECK(a >= 0 && a <= e, "paged_attention: row ", t, " has an interval [", a, ", ", e, ")");
+    // block by block: one table lookup (and no division) per block, not per slot
+    for (int64_t slot = a; slot < e;) {
+      const int64_t bi = slot / BS, o0 = slot - bi * BS, o1 = std::min(BS, o0 + (e - slot));
+      TORCH_CHECK(bi < P.MAXB, "paged_attention: row ", t, " sees slot ", slot, ", past its block table");
+      const int64_t blk = P.TAB[b * P.MAXB + bi];
+      TORCH_CHECK(blk >= 0 && blk < P.NB, "paged_attention: row ", t, " sees slot ", slot, " in block ", blk,
+                  ", which its table does not hold or the cache does not have");
+      for (int64_t o = o0; o < o1; ++o) S.off.push_back(((blk * BS + o) * P.Hkv + h) * D);
+      slot += o1 - o0;
+    }
+  }
+  scalar_t* o = P.O + (t * P.Hq + h * G) * D;
+  const int64_t n = static_cast<int64_t>(S.off.size());
+  if (n == 0) {
+    std::fill(o, o + G * D, scalar_t(0));
+    return;
+  }
+  const scalar_t* qr = P.Q + (t * P.Hq + h * G) * D;
+  S.qf.resize(G * D);
+  S.acc.assign(G * D, acc_t(0));
+  S.s.resize(G * n);
+  const acc_t sc = static_cast<acc_t>(P.scale);
+  for (int64_t j = 0; j < G * D; ++j) S.qf[j] = static_cast<acc_t>(qr[j]);
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* kr = P.KC + S.off[j];
+    for (int64_t g = 0; g < G; ++g) S.s[g * n + j] = dot(S.qf.data() + g * D, kr, D) * sc;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    acc_t* sg = S.s.data() + g * n;
+    const acc_t m = *std::max_element(sg, sg + n);
+    acc_t l = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      sg[j] = std::exp(sg[j] - m);
+      l += sg[j];
+    }
+    const acc_t inv = acc_t(1) / l;
+    for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* vr = P.VC + S.off[j];
+    for (int64_t g = 0; g < G; ++g) {
+      const acc_t p = S.s[g * n + j];
+      acc_t* ag = S.acc.data() + g * D;
+      for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<acc_t>(vr[d]);
+    }
+  }
+  for (int64_t j = 0; j < G * D; ++j) o[j] = static_cast<scalar_t>(S.acc[j]);
+}
+
+template <typename scalar_t, typename acc_t>
+void attend_generic(const Paged<scalar_t>& P, int64_t t, int64_t h, Scratch<acc_t>& S) {
+  attend<scalar_t, acc_t>(P, t, h, S);
+}
+
+#if MEM1_PA_X86
+// The same body compiled for AVX2 + FMA (8 fp32 lanes): the extension is built without -march flags, so this is
+// the one place the fp32 path gets wide vectors; chosen at run time when the CPU has them.
+__attribute__((target("avx2,fma"))) void attend_f32_avx2(const Paged<float>& P, int64_t t, int64_t h,
+                                                        Scratch<float>& S) {
+  attend<float, float>(P, t, h, S);
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void paged_rows(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& table,
                 const at::Tensor& seq, const at::Tensor& lo, const at::Tensor& hi, double scale, at::Tensor& out) {
-  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t NB = kc.size(0), BS = kc.size(1), Hkv = kc.size(2);
-  const int64_t G = Hq / Hkv, K = lo.size(1), B = table.size(0), MAXB = table.size(1);
-  const scalar_t* Q = q.data_ptr<scalar_t>();
-  const scalar_t* KC = kc.data_ptr<scalar_t>();
-  const scalar_t* VC = vc.data_ptr<scalar_t>();
-  const int32_t* TAB = table.data_ptr<int32_t>();
-  const int32_t* SEQ = seq.data_ptr<int32_t>();
-  const int32_t* LO = lo.data_ptr<int32_t>();
-  const int32_t* HI = hi.data_ptr<int32_t>();
-  scalar_t* O = out.data_ptr<scalar_t>();
-  const acc_t sc = static_cast<acc_t>(scale);
-
+  const int64_t T = q.size(0), Hq = q.size(1), Hkv = kc.size(2);
+  const Paged<scalar_t> P{q.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+                          table.data_ptr<int32_t>(), seq.data_ptr<int32_t>(), lo.data_ptr<int32_t>(),
+                          hi.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), Hq, q.size(2), kc.size(0), kc.size(1),
+                          Hkv, Hq / Hkv, lo.size(1), table.size(0), table.size(1), scale};
+  void (*fn)(const Paged<scalar_t>&, int64_t, int64_t, Scratch<acc_t>&) = &attend_generic<scalar_t, acc_t>;
+#if MEM1_PA_X86
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) fn = &attend_f32_avx2;
+  }
+#endif
   at::parallel_for(0, T * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<acc_t> qf(G * D), acc(G * D), s;
-    std::vector<int64_t> off;  // cache offset (in elements) of each visible slot's row for this head
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / Hkv, h = i % Hkv;
-      const int64_t b = SEQ[t];
-      TORCH_CHECK(b >= 0 && b < B, "paged_attention: seq[", t, "] = ", b, " is not a row of the block table");
-      off.clear();
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t a = LO[t * K + k], e = HI[t * K + k];
-        TORCH_CHECK(a >= 0 && a <= e, "paged_attention: row ", t, " has an interval [", a, ", ", e, ")");
-        for (int64_t slot = a; slot < e; ++slot) {
-          const int64_t bi = slot / BS;
-          TORCH_CHECK(bi < MAXB, "paged_attention: row ", t, " sees slot ", slot, ", past its block table");
-          const int64_t blk = TAB[b * MAXB + bi];
-          TORCH_CHECK(blk >= 0 && blk < NB, "paged_attention: row ", t, " sees slot ", slot, " in block ", blk,
-                      ", which its table does not hold or the cache does not have");
-          off.push_back(((blk * BS + slot % BS) * Hkv + h) * D);
-        }
-      }
-      scalar_t* o = O + (t * Hq + h * G) * D;
-      const int64_t n = static_cast<int64_t>(off.size());
-      if (n == 0) {
-        std::fill(o, o + G * D, scalar_t(0));
-        continue;
-      }
-      const scalar_t* qr = Q + (t * Hq + h * G) * D;
-      for (int64_t j = 0; j < G * D; ++j) qf[j] = static_cast<acc_t>(qr[j]);
-      s.resize(G * n);
-      for (int64_t j = 0; j < n; ++j) {
-        const scalar_t* kr = KC + off[j];
-        for (int64_t g = 0; g < G; ++g) {
-          const acc_t* qg = qf.data() + g * D;
-          acc_t dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<acc_t>(kr[d]);
-          s[g * n + j] = dot * sc;
-        }
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t g = 0; g < G; ++g) {
-        acc_t* sg = s.data() + g * n;
-        const acc_t m = *std::max_element(sg, sg + n);
-        acc_t l = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          sg[j] = std::exp(sg[j] - m);
-          l += sg[j];
-        }
-        const acc_t inv = acc_t(1) / l;
-        for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const scalar_t* vr = VC + off[j];
-        for (int64_t g = 0; g < G; ++g) {
-          const acc_t p = s[g * n + j];
-          acc_t* ag = acc.data() + g * D;
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<acc_t>(vr[d]);
-        }
-      }
-      for (int64_t j = 0; j < G * D; ++j) o[j] = static_cast<scalar_t>(acc[j]);
-    }
+    Scratch<acc_t> S;
+    for (int64_t i = i0; i < i1; ++i) fn(P, i / Hkv, i % Hkv, S);
   });
 }
 

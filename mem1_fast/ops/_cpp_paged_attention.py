@@ -19,4 +19,5 @@ def available(device: str = "cpu") -> bool:
 
 
 def forward(q, k_cache, v_cache, block_table, seq, lo, hi, scale: float):
+    _ext.load()  # cached; registers the op when the backend is asked for by name
     return torch.ops.mem1_fast.paged_attention(q, k_cache, v_cache, block_table, seq, lo, hi, float(scale))

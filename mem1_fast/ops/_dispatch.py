@@ -37,10 +37,14 @@ class Backends:
         return out
 
     def default(self, x: torch.Tensor) -> str:
-        avail = self.available(x.device.type)
+        # only the device's preferred backends are asked (importing the others, e.g. Triton on a CPU, costs seconds)
         for name in self.prefer.get(x.device.type, ()):
-            if name in avail and x.dtype in getattr(self.module(name), "DTYPES", (x.dtype,)):
-                return name
+            try:
+                mod = self.module(name)
+                if mod.available(x.device.type) and x.dtype in getattr(mod, "DTYPES", (x.dtype,)):
+                    return name
+            except ImportError:
+                pass
         return "reference"
 
     def pick(self, backend: str | None, x: torch.Tensor) -> str:

@@ -87,5 +87,9 @@ def run_episodes(engine, tokenizer, episodes: Sequence, cfg: AgentConfig = Agent
             st.em, st.f1, st.per_objective_em = score.em, score.f1, list(score.per_objective_em)
         st.peak_kv_tokens, st.prefilled_tokens, st.reencoded_tokens = (kv.peak_kv_tokens, kv.prefilled_tokens,
                                                                        kv.reencoded_tokens)
+        st.peak_kv_bytes = kv.peak_kv_bytes
+        st.kv_bytes_per_turn = [t.kv_bytes for t in kv.turns]
+        st.prefilled_per_turn = [t.prefilled for t in kv.turns]
+        st.reencoded_per_turn = [t.reencoded for t in kv.turns]
         trajs.append(Trajectory.from_triples(triples[i], logprobs[i], reward=st.em, info=st))
     return trajs

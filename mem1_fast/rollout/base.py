@@ -6,7 +6,7 @@ distribution out, never text. A new engine is one file that implements `Engine` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -22,12 +22,45 @@ class Generation:
 
 
 @dataclass
+class TurnKV:
+    """One turn's KV accounting."""
+
+    prefilled: int  # tokens encoded at the turn's start, outside decoding (turn 0: the question)
+    reencoded: int  # of those, tokens that had been encoded or generated before (recompute's copy of the last turn)
+    kv_tokens: int = 0  # live tokens in the episode's cache when the turn's generation ended
+    kv_bytes: int = 0  # bytes of KV storage the episode held then (paged: its whole blocks, shared ones included)
+    kv_blocks: int = 0  # blocks of its table then (paged engine; 0 where the cache is not paged)
+
+
+@dataclass
 class KVStats:
     """Per-episode KV accounting over the episode so far."""
 
     peak_kv_tokens: int = 0  # most tokens held in the episode's KV cache at any moment
     prefilled_tokens: int = 0  # tokens encoded outside decoding: the prompt, observations, re-encoded context
     reencoded_tokens: int = 0  # of those, tokens that had been generated or encoded before (recompute's copy)
+    peak_kv_bytes: int = 0  # most bytes of KV storage held for the episode (at the end of a turn: KV only grows
+    # within one)
+    turns: list[TurnKV] = field(default_factory=list)
+
+    def begin_turn(self, prefilled: int, reencoded: int) -> None:
+        self.turns.append(TurnKV(prefilled, reencoded))
+        self.prefilled_tokens += prefilled
+        self.reencoded_tokens += reencoded
+
+    def end_turn(self, kv_tokens: int, kv_bytes: int, kv_blocks: int = 0) -> None:
+        t = self.turns[-1]
+        t.kv_tokens, t.kv_bytes, t.kv_blocks = kv_tokens, kv_bytes, kv_blocks
+        self.peak_kv_tokens = max(self.peak_kv_tokens, kv_tokens)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, kv_bytes)
+
+
+def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
+    """Bytes of K and V one token takes over all layers of `model`, stored in `dtype` (default: the model's)."""
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elt = (dtype or next(model.parameters()).dtype).itemsize
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * elt
 
 
 class Engine(Protocol):
@@ -46,6 +79,10 @@ class Engine(Protocol):
 
     def kv_stats(self, i: int) -> KVStats:
         """KV accounting of episode i of the current batch."""
+
+    def pool_stats(self) -> dict:
+        """Engine-wide KV memory of the current batch, e.g. a block pool's size and peak occupancy ({} where the
+        engine keeps no pool of its own)."""
 
     def sync_weights(self, model) -> None:
         """Make the engine sample from `model`'s current weights (after an optimizer step)."""

@@ -24,7 +24,8 @@ import torch
 from transformers import DynamicCache
 
 from ..consolidation import EXACT_MODES, get
-from .base import Generation, KVStats, check_prompts, check_sampling, full_state_dict, register, split_stops
+from .base import (Generation, KVStats, check_prompts, check_sampling, full_state_dict, kv_bytes_per_token, register,
+                   split_stops)
 
 QUESTION = -1  # KV tag of the question's slots: never evicted
 
@@ -84,7 +85,7 @@ class HFEngine:
         new_ids, new_pos, new_tags = [], [], []
         for k, ep in enumerate(eps):
             if ep.turn == 0:
-                ids, pos0, tag = ep.prompt, 0, QUESTION
+                ids, pos0, tag, reenc = ep.prompt, 0, QUESTION, 0
             else:
                 obs = list(observations[k]) if observations is not None else []
                 if not obs:
@@ -93,9 +94,8 @@ class HFEngine:
                 self._evict(ep, lambda t, j=ep.turn: plan.evicts(t, j))
                 ids = ep.last_gen + obs if plan.reencode_last_turn else obs
                 pos0 = len(ep.prompt) if plan.restart_positions else ep.next_pos
-                tag = ep.turn - 1
-                ep.stats.reencoded_tokens += len(ids) - len(obs)
-            ep.stats.prefilled_tokens += len(ids)
+                tag, reenc = ep.turn - 1, len(ids) - len(obs)
+            ep.stats.begin_turn(len(ids), reenc)
             new_ids.append(ids)
             new_pos.append(list(range(pos0, pos0 + len(ids))))
             new_tags.append([tag] * len(ids))
@@ -103,6 +103,9 @@ class HFEngine:
 
     def kv_stats(self, i: int) -> KVStats:
         return self.episodes[i].stats
+
+    def pool_stats(self) -> dict:
+        return {}  # per-episode compact tensors: no pool
 
     def sync_weights(self, model) -> None:
         if model is not self.model:  # another copy of the weights (a sharded trainer's): take them
@@ -243,7 +246,8 @@ class HFEngine:
             ep.values = [layer.values[b][:, sel].cpu() for layer in cache.layers]
             if ep.keys[0].shape[1] != ep.tags.numel():
                 raise RuntimeError(f"engine bookkeeping: {ep.keys[0].shape[1]} live slots, {ep.tags.numel()} tags")
-            ep.stats.peak_kv_tokens = max(ep.stats.peak_kv_tokens, ep.tags.numel())
+            n = ep.tags.numel()
+            ep.stats.end_turn(n, n * kv_bytes_per_token(self.model))
 
 
 register("hf", HFEngine, serves=lambda plan: True)  # its cache follows any KV plan

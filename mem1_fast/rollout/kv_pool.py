@@ -61,14 +61,13 @@ class SequenceKV:
     blocks: list[int] = field(default_factory=list)
     position: list[int] = field(default_factory=list)
     turn: list[int] = field(default_factory=list)
+    # the live slots as maximal [start, end) runs, kept up to date by append and evict: what the attention reads
+    runs: list[list[int]] = field(default_factory=list)
+    live_tokens: int = 0
 
     @property
     def num_slots(self) -> int:
         return len(self.position)
-
-    @property
-    def live_tokens(self) -> int:
-        return sum(p >= 0 for p in self.position)
 
     def append(self, positions: list[int], turn: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Reserve slots for new tokens at `positions`. Returns (where each token goes: (block, offset)), and the
@@ -91,13 +90,20 @@ class SequenceKV:
             self.position.append(p)
             self.turn.append(turn)
             where.append((self.blocks[-1], s % bs))
+        if n:
+            if self.runs and self.runs[-1][1] == s - n + 1:
+                self.runs[-1][1] = s + 1
+            else:
+                self.runs.append([s - n + 1, s + 1])
+            self.live_tokens += n
         return where, copies
 
     def fork(self) -> SequenceKV:
         """A new table over the same blocks (a group's samples after the shared question prefill)."""
         for b in self.blocks:
             self.pool.share(b)
-        return SequenceKV(self.pool, list(self.blocks), list(self.position), list(self.turn))
+        return SequenceKV(self.pool, list(self.blocks), list(self.position), list(self.turn),
+                          [list(r) for r in self.runs], self.live_tokens)
 
     def evict(self, drop) -> int:
         """Evict the slots whose turn satisfies `drop(turn)`; frees whole blocks. Returns the tokens evicted.
@@ -121,10 +127,19 @@ class SequenceKV:
             self.blocks = [self.blocks[k] for k in keep]
             self.position = [p for k in keep for p in self.position[k * bs:(k + 1) * bs]]
             self.turn = [t for k in keep for t in self.turn[k * bs:(k + 1) * bs]]
+        if n:
+            self.live_tokens -= n
+            self.runs, start = [], None
+            for s, p in enumerate(self.position + [-1]):
+                if p >= 0 and start is None:
+                    start = s
+                elif p < 0 and start is not None:
+                    self.runs.append([start, s])
+                    start = None
         return n
 
     def free(self) -> None:
         """Give every block back (the sequence is done)."""
         for b in self.blocks:
             self.pool.release(b)
-        self.blocks, self.position, self.turn = [], [], []
+        self.blocks, self.position, self.turn, self.runs, self.live_tokens = [], [], [], [], 0

@@ -11,6 +11,10 @@ of one pool, per layer one K and one V tensor [num_blocks, block_size, Hkv, D], 
   its table (copy-on-write for the partial last block).
 - Every live episode decodes in one packed forward per token (no padding); an episode joins or leaves a step by
   being in `idx` or not; all blocks go back to the pool when the next batch starts (`release`).
+- Each sequence keeps its live slots as runs (`SequenceKV.runs`, updated on append and evict); a row's intervals
+  are its sequence's runs, the last one cut at the row's own slot, built with a few tensor ops per forward.
+- Accounting: `kv_stats(i).turns` has, per turn, the tokens prefilled (and of those re-encoded) and the tokens,
+  blocks and bytes the episode holds when the turn ends; `pool_stats()` the pool's peak occupancy.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..ops.paged_attention import paged_attention
-from .base import Generation, register
+from .base import Generation, kv_bytes_per_token, register
 from .hf import HFEngine, _Episode
 from .kv_pool import BlockPool, SequenceKV
 
@@ -37,8 +41,7 @@ class _Batch:
     slots each row sees."""
     k_cache: list[torch.Tensor]
     v_cache: list[torch.Tensor]
-    blocks: torch.Tensor  # int64 [T]: block of each new token
-    offsets: torch.Tensor  # int64 [T]
+    where: torch.Tensor  # int64 [T]: flat slot (block * block_size + offset) of each new token
     block_table: torch.Tensor  # int32 [B, max_blocks]
     seq: torch.Tensor  # int32 [T]
     lo: torch.Tensor  # int32 [T, K]
@@ -55,8 +58,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     layer = module.layer_idx
     k = key[0].transpose(0, 1)  # [1, Hkv, T, D] -> [T, Hkv, D], RoPE applied
     v = value[0].transpose(0, 1)
-    b.k_cache[layer][b.blocks, b.offsets] = k.to(b.k_cache[layer].dtype)
-    b.v_cache[layer][b.blocks, b.offsets] = v.to(b.v_cache[layer].dtype)
+    kc, vc = b.k_cache[layer], b.v_cache[layer]
+    kc.view(-1, *kc.shape[2:])[b.where] = k.to(kc.dtype)
+    vc.view(-1, *vc.shape[2:])[b.where] = v.to(vc.dtype)
     q = query[0].transpose(0, 1)
     out = paged_attention(q, b.k_cache[layer], b.v_cache[layer], b.block_table, b.seq, b.lo, b.hi, scale=scaling)
     return out.unsqueeze(0), None
@@ -93,12 +97,15 @@ class PagedEngine(HFEngine):
                  block_size: int = 16, num_blocks: int = 2048):
         super().__init__(model, tokenizer, mode, max_new_tokens, temperature, greedy, stop_strings, seed)
         self.pool = BlockPool(num_blocks, block_size)
+        self.block_bytes = block_size * kv_bytes_per_token(model)  # one block of every layer's K and V
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
+        self.peak_blocks_used = 0
 
     def start(self, prompts, greedy=None, seed=None) -> None:
         self.release()
         super().start(prompts, greedy, seed)
+        self.peak_blocks_used = 0
         self.episodes = [_PagedEpisode(prompt=ep.prompt) for ep in self.episodes]
         if not self.k_cache:
             cfg = self.model.config
@@ -114,6 +121,14 @@ class PagedEngine(HFEngine):
             if ep.kv is not None:
                 ep.kv.free()
                 ep.kv = None
+
+    def pool_stats(self) -> dict:
+        """The pool over the current batch: its size, blocks in use now and at the peak (all layers' K and V)."""
+        used = self.pool.num_blocks - self.pool.num_free
+        return {"kv_pool_blocks": self.pool.num_blocks, "kv_pool_blocks_used": used,
+                "kv_pool_peak_blocks_used": self.peak_blocks_used,
+                "kv_pool_peak_occupancy": self.peak_blocks_used / self.pool.num_blocks,
+                "kv_pool_peak_bytes": self.peak_blocks_used * self.block_bytes}
 
     def blocks_held(self, i: int) -> int:
         ep = self.episodes[i]
@@ -146,7 +161,9 @@ class PagedEngine(HFEngine):
             if src[b] is not None:
                 eps[b].kv = eps[src[b]].kv.fork()
                 logits[b] = logits[src[b]]
-                eps[b].stats.prefilled_tokens -= len(new_ids[b])  # it encoded nothing: the question is shared
+                st = eps[b].stats  # it encoded nothing: the question is shared
+                st.prefilled_tokens -= len(new_ids[b])
+                st.turns[-1].prefilled -= len(new_ids[b])
         out_ids, out_lps, finish = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
         next_pos = [p[-1] + 1 for p in new_pos]
         feed_last = self.plan.feed_last_token
@@ -169,9 +186,11 @@ class PagedEngine(HFEngine):
             if all(f is not None for f in finish):
                 break
         gens = []
+        self.peak_blocks_used = max(self.peak_blocks_used, self.pool.num_blocks - self.pool.num_free)
         for b, ep in enumerate(eps):
             ep.last_gen, ep.next_pos = out_ids[b], next_pos[b]
             ep.turn += 1
+            ep.stats.end_turn(ep.kv.live_tokens, len(ep.kv.blocks) * self.block_bytes, len(ep.kv.blocks))
             gens.append(Generation(out_ids[b], out_lps[b], finish[b]))
         return gens
 
@@ -179,55 +198,37 @@ class PagedEngine(HFEngine):
         """One packed forward of new tokens (any number per sequence): their slots are reserved in the tables,
         their K/V written there by the attention, and each row attends to its sequence's live slots up to its own.
         Returns the logits of each sequence's last new token."""
-        dev = self.k_cache[0].device
-        blocks, offsets, seq, runs_per_row = [], [], [], []
-        tables = [ep.kv for ep in eps]
-        for s, (ep, t, x, p, turn) in enumerate(zip(eps, tables, ids, pos, turns)):
-            where, copies = t.append(p, turn)
+        dev, bs = self.k_cache[0].device, self.pool.block_size
+        where, seq, row_end = [], [], []
+        for s, (ep, x, p, turn) in enumerate(zip(eps, ids, pos, turns)):
+            t = ep.kv
+            slots, copies = t.append(p, turn)
             for a, c in copies:  # copy-on-write of a shared partial block
                 for kc, vc in zip(self.k_cache, self.v_cache):
                     kc[c], vc[c] = kc[a], vc[a]
-            blocks += [w[0] for w in where]
-            offsets += [w[1] for w in where]
+            where += [blk * bs + off for blk, off in slots]
             seq += [s] * len(x)
-            live = _live_runs(t.position)
-            first = t.num_slots - len(x)
-            for i in range(len(x)):  # row i sees the live runs up to its own slot
-                end = first + i + 1
-                runs_per_row.append([(a, min(e, end)) for a, e in live if a < end])
-            ep.stats.peak_kv_tokens = max(ep.stats.peak_kv_tokens, t.live_tokens)
-        K = max(1, max(len(r) for r in runs_per_row))
-        lo = torch.zeros(len(seq), K, dtype=torch.int32)
-        hi = torch.zeros(len(seq), K, dtype=torch.int32)
-        for r, runs in enumerate(runs_per_row):
-            for k, (a, e) in enumerate(runs):
-                lo[r, k], hi[r, k] = a, e
+            row_end += range(t.num_slots - len(x) + 1, t.num_slots + 1)  # row i sees live slots up to its own
+        # each row sees its sequence's live runs, the last one (holding the new tokens) cut at the row's own slot
+        tables = [ep.kv for ep in eps]
+        K = max(len(t.runs) for t in tables)
         width = max(len(t.blocks) for t in tables)
-        table = torch.full((len(tables), width), -1, dtype=torch.int32)
-        for s, t in enumerate(tables):
-            table[s, :len(t.blocks)] = torch.tensor(t.blocks, dtype=torch.int32)
-        batch = _Batch(self.k_cache, self.v_cache, torch.tensor(blocks, device=dev),
-                       torch.tensor(offsets, device=dev), table.to(dev), torch.tensor(seq, dtype=torch.int32,
-                                                                                       device=dev),
+        runs = torch.tensor([[x for r in t.runs for x in r] + [0, 0] * (K - len(t.runs)) for t in tables],
+                            dtype=torch.int32).view(len(tables), K, 2)
+        table = torch.tensor([t.blocks + [-1] * (width - len(t.blocks)) for t in tables], dtype=torch.int32)
+        seq_t = torch.tensor(seq, dtype=torch.int32)
+        last = torch.tensor([len(t.runs) - 1 for t in tables])[seq_t.long()]
+        lo = runs[seq_t.long(), :, 0]
+        hi = runs[seq_t.long(), :, 1]
+        hi[torch.arange(len(seq)), last] = torch.tensor(row_end, dtype=torch.int32)
+        batch = _Batch(self.k_cache, self.v_cache, torch.tensor(where, device=dev), table.to(dev), seq_t.to(dev),
                        lo.to(dev), hi.to(dev))
         flat_ids = torch.tensor([i for x in ids for i in x], device=dev)[None]
         flat_pos = torch.tensor([i for p in pos for i in p], device=dev)[None]
-        last = torch.tensor([len(x) for x in ids]).cumsum(0) - 1
+        keep = (torch.tensor([len(x) for x in ids]).cumsum(0) - 1).to(dev)
         with _attention(self.model, batch):
-            out = self.model(input_ids=flat_ids, position_ids=flat_pos, use_cache=False)
-        return list(out.logits[0, last.to(dev)])
-
-
-def _live_runs(position: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of live slots (position >= 0) as [start, end) slot intervals."""
-    runs, start = [], None
-    for s, p in enumerate(position + [-1]):
-        if p >= 0 and start is None:
-            start = s
-        elif p < 0 and start is not None:
-            runs.append((start, s))
-            start = None
-    return runs
+            out = self.model(input_ids=flat_ids, position_ids=flat_pos, use_cache=False, logits_to_keep=keep)
+        return list(out.logits[0])
 
 
 register("paged", PagedEngine, serves=lambda plan: True)  # follows any KV plan

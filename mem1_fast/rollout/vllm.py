@@ -29,7 +29,8 @@ from typing import Sequence
 import torch
 
 from ..consolidation import get
-from .base import Generation, KVStats, check_prompts, check_sampling, full_state_dict, register, split_stops
+from .base import (Generation, KVStats, check_prompts, check_sampling, full_state_dict, kv_bytes_per_token, register,
+                   split_stops)
 
 
 def available() -> bool:
@@ -64,6 +65,7 @@ class VLLMEngine:
         # old-policy log-probs; a bf16 engine against an fp32/bf16 trainer does not
         self.exact_logprobs = dtype == "float32" and next(model.parameters()).dtype == torch.float32
         self.stop_ids, self.stop_strings = split_stops(tokenizer, stop_strings)
+        self._token_bytes = kv_bytes_per_token(model, getattr(torch, dtype))
         self._dir = tempfile.mkdtemp(prefix="mem1_fast_vllm_")
         model.save_pretrained(self._dir)
         tokenizer.save_pretrained(self._dir)
@@ -127,10 +129,10 @@ class VLLMEngine:
             lps = [d[t].logprob for t, d in zip(ids, c.logprobs)]
             n_prompt, cached = len(req["prompt_token_ids"]), int(out.num_cached_tokens or 0)
             st = ep["stats"]
-            st.prefilled_tokens += n_prompt - cached
-            st.reencoded_tokens += max(n_prompt - cached - new, 0)
+            st.begin_turn(n_prompt - cached, max(n_prompt - cached - new, 0))
             # the request held the KV of its prompt and of every sampled token but the last, which is never fed
-            st.peak_kv_tokens = max(st.peak_kv_tokens, n_prompt + len(ids) - (0 if self.plan.feed_last_token else 1))
+            held = n_prompt + len(ids) - (0 if self.plan.feed_last_token else 1)
+            st.end_turn(held, held * self._token_bytes)
             ep["last"], ep["turn"] = ids, ep["turn"] + 1
             finish = "length" if c.finish_reason == "length" else (
                 "eos" if ids and ids[-1] == self.tok.eos_token_id and c.stop_reason is None else "stop")
@@ -139,6 +141,9 @@ class VLLMEngine:
 
     def kv_stats(self, i: int) -> KVStats:
         return self.episodes[i]["stats"]
+
+    def pool_stats(self) -> dict:
+        return {}  # vLLM's block pool is its own: not read here
 
     def sync_weights(self, model) -> None:
         weights = list(full_state_dict(model).items())

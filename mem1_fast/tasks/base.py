@@ -67,6 +67,10 @@ class EpisodeStats:
     peak_kv_tokens: int = 0
     prefilled_tokens: int = 0
     reencoded_tokens: int = 0
+    peak_kv_bytes: int = 0
+    kv_bytes_per_turn: list[int] = field(default_factory=list)  # KV storage held at the end of each turn
+    prefilled_per_turn: list[int] = field(default_factory=list)  # tokens encoded at each turn's start
+    reencoded_per_turn: list[int] = field(default_factory=list)  # of those, encoded before (recompute's copy)
 
     def as_dict(self) -> dict:
         return asdict(self)
