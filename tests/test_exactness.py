@@ -39,7 +39,10 @@ def engine_rollouts(model, tok, mode, temperature, seed, n=6, turns=4, engine="h
     rng = random.Random(seed)
     eng = rollout.create(engine, model, tok, mode, max_new_tokens=10, temperature=temperature, seed=seed,
                          **engine_kw)
-    prompts = [[rng.randrange(3, 60) for _ in range(rng.randrange(2, 10))] for _ in range(n)]
+    # groups of 2 samples per question, as RL rolls out: engines that share a group's question (the paged engine
+    # forks its blocks, copy-on-write for the partial last one; vLLM's prefix cache) are checked sharing it
+    qs = [[rng.randrange(3, 60) for _ in range(rng.randrange(2, 10))] for _ in range(n // 2)]
+    prompts = [q for q in qs for _ in range(2)] + [[rng.randrange(3, 60) for _ in range(5)]] * (n % 2)
     eng.start(prompts)
     split = think_splitter(tok)
     trips = [[("PROMPT", 0, p)] for p in prompts]

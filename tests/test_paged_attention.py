@@ -211,3 +211,27 @@ def test_triton_kernels_compile_for_sm80_and_sm90a_without_spills():
     for r in rows:
         assert r["stack"] == 0 and r["local"] == 0, f"spill: {r}"
         assert r["smem"] <= SMEM_LIMIT[r["arch"]], r
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_triton_on_cuda_matches_the_oracle(dtype, splits):
+    """On a GPU (benchmarks/gpu_check.sh runs the cuda-marked tests with compiled Triton): the default backend of a
+    CUDA tensor is the Triton kernel, and it agrees with the fp64 oracle within the dtype's rounding."""
+    from mem1_fast.ops.paged_attention import _backends
+    from mem1_fast.triton_kernels import paged_attention as tk
+    k_cache, v_cache, table, seqs, logical = build(13, 16, turns=8)
+    seq, lo, hi, seen = rows_for(seqs, random.Random(13))
+    q = torch.randn(len(seq), 4, k_cache.shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    scale = 1 / math.sqrt(q.shape[-1])
+    want = oracle(q, logical, seq, seen, scale, 2)
+    dev = [x.cuda() for x in (table, seq, lo, hi)]
+    qc, kc, vc = (x.nan_to_num(0.0).to(dtype).cuda() for x in (q, k_cache, v_cache))
+    assert _backends.default(qc) == "triton"
+    if dtype != torch.float32:  # the oracle of the rounded inputs: what fp32 accumulation should give
+        want = paged_attention(qc.double().cpu(), kc.double().cpu(), vc.double().cpu(), table, seq, lo, hi,
+                               backend="reference")
+    got = tk.forward(qc, kc, vc, *dev, scale, splits=splits)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: one rounding of the output
+    assert (got.double().cpu() - want).abs().max() < tol

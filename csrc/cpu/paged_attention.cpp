@@ -1,7 +1,7 @@
 // mem1_fast::paged_attention -- CPU kernel of attention over a paged KV cache (mem1_fast/ops/paged_attention.py).
 //
-// One task per (query row, key/value head): the Hq/Hkv query heads of the group share every key and value read
-// (GQA), and K/V are read in place through the row's sequence's block table -- slot s is offset s % BS of block
+// One task per query row: slot by slot, the row's query heads read the slot's keys and values of every head while
+// they are in cache (the Hq/Hkv query heads of a group share each read: GQA), and K/V are read in place through the row's sequence's block table -- slot s is offset s % BS of block
 // table[seq, s / BS] -- over the slots of the row's intervals only: nothing is gathered, and slots outside them
 // (never-written or evicted memory) are never touched.
 //
@@ -66,10 +66,11 @@ struct Scratch {
   std::vector<int64_t> off;  // cache offset (in elements) of each visible slot's row for this head
 };
 
-// Row t, key/value head h: its G query heads over the row's visible slots.
+// Row t: all its query heads over the row's visible slots. Slot by slot, every key/value head is read while the
+// slot's row of the cache ([Hkv, D], contiguous) is in cache: the pool's layout puts a slot's heads together.
 template <typename scalar_t, typename acc_t>
-MEM1_PA_INLINE void attend(const Paged<scalar_t>& P, int64_t t, int64_t h, Scratch<acc_t>& S) {
-  const int64_t D = P.D, G = P.G, K = P.K, BS = P.BS;
+MEM1_PA_INLINE void attend(const Paged<scalar_t>& P, int64_t t, Scratch<acc_t>& S) {
+  const int64_t D = P.D, Hq = P.Hq, G = P.G, K = P.K, BS = P.BS, HD = P.Hkv * D;
   const int64_t b = P.SEQ[t];
   TORCH_CHECK(b >= 0 && b < P.B, "paged_attention: seq[", t, "] = ", b, " is not a row of the block table");
   S.off.clear();
@@ -83,28 +84,28 @@ MEM1_PA_INLINE void attend(const Paged<scalar_t>& P, int64_t t, int64_t h, Scrat
       const int64_t blk = P.TAB[b * P.MAXB + bi];
       TORCH_CHECK(blk >= 0 && blk < P.NB, "paged_attention: row ", t, " sees slot ", slot, " in block ", blk,
                   ", which its table does not hold or the cache does not have");
-      for (int64_t o = o0; o < o1; ++o) S.off.push_back(((blk * BS + o) * P.Hkv + h) * D);
+      for (int64_t o = o0; o < o1; ++o) S.off.push_back((blk * BS + o) * HD);
       slot += o1 - o0;
     }
   }
-  scalar_t* o = P.O + (t * P.Hq + h * G) * D;
+  scalar_t* o = P.O + t * Hq * D;
   const int64_t n = static_cast<int64_t>(S.off.size());
   if (n == 0) {
-    std::fill(o, o + G * D, scalar_t(0));
+    std::fill(o, o + Hq * D, scalar_t(0));
     return;
   }
-  const scalar_t* qr = P.Q + (t * P.Hq + h * G) * D;
-  S.qf.resize(G * D);
-  S.acc.assign(G * D, acc_t(0));
-  S.s.resize(G * n);
+  const scalar_t* qr = P.Q + t * Hq * D;
+  S.qf.resize(Hq * D);
+  S.acc.assign(Hq * D, acc_t(0));
+  S.s.resize(Hq * n);
   const acc_t sc = static_cast<acc_t>(P.scale);
-  for (int64_t j = 0; j < G * D; ++j) S.qf[j] = static_cast<acc_t>(qr[j]);
+  for (int64_t j = 0; j < Hq * D; ++j) S.qf[j] = static_cast<acc_t>(qr[j]);
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t* kr = P.KC + S.off[j];
-    for (int64_t g = 0; g < G; ++g) S.s[g * n + j] = dot(S.qf.data() + g * D, kr, D) * sc;
+    for (int64_t hq = 0; hq < Hq; ++hq) S.s[hq * n + j] = dot(S.qf.data() + hq * D, kr + (hq / G) * D, D) * sc;
   }
-  for (int64_t g = 0; g < G; ++g) {
-    acc_t* sg = S.s.data() + g * n;
+  for (int64_t hq = 0; hq < Hq; ++hq) {
+    acc_t* sg = S.s.data() + hq * n;
     const acc_t m = *std::max_element(sg, sg + n);
     acc_t l = 0;
     for (int64_t j = 0; j < n; ++j) {
@@ -116,26 +117,26 @@ MEM1_PA_INLINE void attend(const Paged<scalar_t>& P, int64_t t, int64_t h, Scrat
   }
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t* vr = P.VC + S.off[j];
-    for (int64_t g = 0; g < G; ++g) {
-      const acc_t p = S.s[g * n + j];
-      acc_t* ag = S.acc.data() + g * D;
-      for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<acc_t>(vr[d]);
+    for (int64_t hq = 0; hq < Hq; ++hq) {
+      const acc_t p = S.s[hq * n + j];
+      const scalar_t* vh = vr + (hq / G) * D;
+      acc_t* ag = S.acc.data() + hq * D;
+      for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<acc_t>(vh[d]);
     }
   }
-  for (int64_t j = 0; j < G * D; ++j) o[j] = static_cast<scalar_t>(S.acc[j]);
+  for (int64_t j = 0; j < Hq * D; ++j) o[j] = static_cast<scalar_t>(S.acc[j]);
 }
 
 template <typename scalar_t, typename acc_t>
-void attend_generic(const Paged<scalar_t>& P, int64_t t, int64_t h, Scratch<acc_t>& S) {
-  attend<scalar_t, acc_t>(P, t, h, S);
+void attend_generic(const Paged<scalar_t>& P, int64_t t, Scratch<acc_t>& S) {
+  attend<scalar_t, acc_t>(P, t, S);
 }
 
 #if MEM1_PA_X86
 // The same body compiled for AVX2 + FMA (8 fp32 lanes): the extension is built without -march flags, so this is
 // the one place the fp32 path gets wide vectors; chosen at run time when the CPU has them.
-__attribute__((target("avx2,fma"))) void attend_f32_avx2(const Paged<float>& P, int64_t t, int64_t h,
-                                                        Scratch<float>& S) {
-  attend<float, float>(P, t, h, S);
+__attribute__((target("avx2,fma"))) void attend_f32_avx2(const Paged<float>& P, int64_t t, Scratch<float>& S) {
+  attend<float, float>(P, t, S);
 }
 #endif
 
@@ -147,15 +148,15 @@ void paged_rows(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                           table.data_ptr<int32_t>(), seq.data_ptr<int32_t>(), lo.data_ptr<int32_t>(),
                           hi.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), Hq, q.size(2), kc.size(0), kc.size(1),
                           Hkv, Hq / Hkv, lo.size(1), table.size(0), table.size(1), scale};
-  void (*fn)(const Paged<scalar_t>&, int64_t, int64_t, Scratch<acc_t>&) = &attend_generic<scalar_t, acc_t>;
+  void (*fn)(const Paged<scalar_t>&, int64_t, Scratch<acc_t>&) = &attend_generic<scalar_t, acc_t>;
 #if MEM1_PA_X86
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) fn = &attend_f32_avx2;
   }
 #endif
-  at::parallel_for(0, T * Hkv, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     Scratch<acc_t> S;
-    for (int64_t i = i0; i < i1; ++i) fn(P, i / Hkv, i % Hkv, S);
+    for (int64_t t = t0; t < t1; ++t) fn(P, t, S);
   });
 }
 
