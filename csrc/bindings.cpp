@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mem1_fast, m) {
-  // Block map of an interval visibility spec (DESIGN.md §4).
+  // Block map of an interval visibility spec (docs/design.md §4).
   //   lo, hi: int32 [T, K]; row p sees the union over k of [lo[p,k], hi[p,k]), 0 <= lo <= hi <= p+1,
   //           non-empty intervals of a row sorted and disjoint.
   //   BM, BN: query rows / keys per tile.
@@ -19,7 +19,7 @@ TORCH_LIBRARY(mem1_fast, m) {
   // blocks, key-block indices ascending within each query block; tiles with no visible pair are not listed.
   m.def("block_map(Tensor lo, Tensor hi, int BM, int BN) -> (Tensor, Tensor, Tensor, Tensor)");
 
-  // State-visibility attention (DESIGN.md §5), CPU kernels in csrc/cpu/state_attention.cpp.
+  // State-visibility attention (docs/design.md §5), CPU kernels in csrc/cpu/state_attention.cpp.
   //   q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0; float32/float16/bfloat16/float64), lo/hi int32 [T, K], and
   //   the block map of block_map(lo, hi, BM, BN) (partial_ptr, partial_idx, full_ptr, full_idx); the backward
   //   transposes it itself. isa: -1 auto, 0 generic, 1 avx2, 2 avx512; schedule (bwd): -1 auto, 0 two-pass,
@@ -35,7 +35,7 @@ TORCH_LIBRARY(mem1_fast, m) {
   // Which kernel body `isa` resolves to for probe's dtype: "avx512", "avx2" or "generic".
   m.def("state_attention_cpu_isa(Tensor probe, int isa=-1) -> str");
 
-  // logprob_entropy / fused PPO loss (DESIGN.md §5), CPU kernels in csrc/cpu/logprob_entropy.cpp.
+  // logprob_entropy / fused PPO loss (docs/design.md §5), CPU kernels in csrc/cpu/logprob_entropy.cpp.
   //   hidden [N, H], weight [V, H] (float32/float16/bfloat16/float64, fp32 accumulation; fp64 if either is fp64),
   //   targets int64 [N]. tile_rows / tile_cols: the logits tile (0: automatic; the fused op holds [tile_rows, V]).
   //   isa: -1 auto, 0 generic, 1 avx2, 2 avx512 (tests).

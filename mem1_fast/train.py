@@ -65,7 +65,7 @@ class Args(TaskOptions):
     model: str = ""
     """local HF model directory; empty = a tiny Llama built offline over the synthetic task's vocabulary"""
     mode: Literal[EXACT_MODES] = "recompute"
-    """consolidation mode (DESIGN §3): what the engine keeps and the exact training layout; 'full' is the
+    """consolidation mode (docs/design.md §3): what the engine keeps and the exact training layout; 'full' is the
     full-context baseline (every turn keeps the whole history)"""
     engine: Literal[rollout.names()] = "hf"
     """rollout engine: 'hf' runs the trainer's own model (exact log-probs); 'paged' too, over a paged KV cache"""

@@ -13,7 +13,7 @@ import torch
 
 
 class VisibilityError(ValueError):
-    """An interval spec that breaks the contract of DESIGN §4."""
+    """An interval spec that breaks the contract of docs/design.md §4."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 import os
 
-# Triton's interpreter must be chosen before any @triton.jit decorator runs (DESIGN §7).
+# Triton's interpreter must be chosen before any @triton.jit decorator runs (docs/design.md §7).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

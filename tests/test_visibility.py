@@ -35,7 +35,8 @@ def trajectories(draw, max_turns=5):
 
 
 def oracle(traj: Trajectory, mode: str):
-    """Token list and visibility straight from the rules of DESIGN §3, pairwise, with no interval arithmetic."""
+    """Token list and visibility straight from the rules of docs/design.md §3, pairwise, with no interval
+    arithmetic."""
     segs = traj.segments
     q = list(traj.prompt.token_ids)
     toks = [(t, Kind.PROMPT, 0, -1, False) for t in q]  # (id, kind, turn, block, loss)

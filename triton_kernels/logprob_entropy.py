@@ -1,4 +1,4 @@
-"""Triton backend of `logprob_entropy` (DESIGN §5; issue item 1): per-row log-prob of a target and entropy of
+"""Triton backend of `logprob_entropy` (docs/design.md §5): per-row log-prob of a target and entropy of
 softmax(hidden @ weight.T / temperature), and their gradients, without ever holding the [N, V] logits.
 
 Called by `mem1_fast.ops.logprob_entropy` through

@@ -1,4 +1,4 @@
-"""Triton fused backend of the PPO loss (mem1_fast/ops/ppo_loss.py; issue item 5), called through
+"""Triton fused backend of the PPO loss (mem1_fast/ops/ppo_loss.py), called through
 
     available(device) -> bool
     forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,

@@ -1,4 +1,4 @@
-"""Triton backend of `state_attention` (DESIGN §4-§5): FlashAttention-2 style kernels over a block map.
+"""Triton backend of `state_attention` (docs/design.md §4-§5): FlashAttention-2 style kernels over a block map.
 
 Called by `mem1_fast.ops.state_attention` through
 

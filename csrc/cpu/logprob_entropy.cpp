@@ -1,5 +1,5 @@
-// mem1_fast::logprob_entropy_fwd / logprob_entropy_bwd / ppo_loss_fused -- CPU kernels (DESIGN §5; issue items 2
-// and 5). The math is the chunked reference of mem1_fast/ops/logprob_entropy.py and ops/ppo_loss.py:
+// mem1_fast::logprob_entropy_fwd / logprob_entropy_bwd / ppo_loss_fused -- CPU kernels (docs/design.md §5).
+// The math is the chunked reference of mem1_fast/ops/logprob_entropy.py and ops/ppo_loss.py:
 //
 //   z = hidden . weight^T / tau,  p = softmax(z),  logp = z[t] - lse(z),  entropy = lse(z) - E_p[z]
 //   d/dz = g_logp * (onehot(t) - p) + g_ent * p * (E_p[z] - z),   dh = (d/dz) . W / tau,   dW = (d/dz)^T . h / tau

@@ -1,4 +1,5 @@
-// mem1_fast::state_attention_fwd / state_attention_bwd -- CPU kernels of state-visibility attention (DESIGN §4-§5).
+// mem1_fast::state_attention_fwd / state_attention_bwd -- CPU kernels of state-visibility attention
+// (docs/design.md §4-§5).
 //
 // FlashAttention-2 on the tiles of a block map (csrc/cpu/block_map.cpp): only listed (query block, key block) tiles
 // are computed; FULL tiles need no mask, PARTIAL tiles are masked per element from the interval spec lo/hi; empty

@@ -1,5 +1,5 @@
 // mem1_fast logprob_entropy -- CUDA forward launchers (raw pointers + stream; no torch headers) and the online
-// log-sum-exp / entropy reduction shared by the device code and any host code (DESIGN.md §5; issue item 3).
+// log-sum-exp / entropy reduction shared by the device code and any host code (docs/design.md §5).
 //
 // Per row n (z = hidden[n] . weight^T * inv_tau, over the V vocabulary entries):
 //   logp[n]    = z[target[n]] - lse(z)                         (<= 0 exactly)

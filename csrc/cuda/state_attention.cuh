@@ -1,7 +1,7 @@
 // mem1_fast state_attention -- CUDA launchers (raw pointers + stream; no torch headers).
 //
-// Attention over an interval visibility spec (DESIGN.md §4-§5), packed varlen layout, FlashAttention-2 structure,
-// tensor cores through mma.sync m16n8k16 (sm_80+), fp16 / bf16 inputs, fp32 accumulation. The kernels are in
+// Attention over an interval visibility spec (docs/design.md §4-§5), packed varlen layout, FlashAttention-2
+// structure, tensor cores through mma.sync m16n8k16 (sm_80+), fp16 / bf16 inputs, fp32 accumulation. The kernels are in
 // state_attention.cu; the torch binding is csrc/cuda/bindings_cuda.cpp.
 //
 // Tensors (device memory):

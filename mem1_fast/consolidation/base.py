@@ -1,4 +1,4 @@
-"""A consolidation mode: one object that owns both halves of "what the next turn may see" (DESIGN §3).
+"""A consolidation mode: one object that owns both halves of "what the next turn may see" (docs/design.md §3).
 
 - its training layout (`layout(traj)`): where every token of a trajectory sits in the training row, its position id,
   whether its log-prob is trained on, and the key intervals it may attend to (any number per token);

@@ -1,5 +1,5 @@
 """logprob_entropy: per-row log-prob of a target and entropy of softmax(hidden @ weight.T / temperature),
-straight from hidden states, never holding the [N, V] logits (DESIGN §5).
+straight from hidden states, never holding the [N, V] logits (docs/design.md §5).
 
     logp, entropy = logprob_entropy(hidden, weight, targets, temperature=1.0)   # both float32 [N]
 

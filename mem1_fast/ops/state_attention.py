@@ -1,4 +1,4 @@
-"""state_attention: attention over an interval visibility spec (DESIGN §4-§5), packed varlen layout.
+"""state_attention: attention over an interval visibility spec (docs/design.md §4-§5), packed varlen layout.
 
     out = state_attention(q, k, v, visibility, scale=None)            # [T, Hq, D]
     out, lse = state_attention(q, k, v, visibility, return_lse=True)  # lse: float32 [Hq, T], natural log,

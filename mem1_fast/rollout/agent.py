@@ -1,12 +1,12 @@
 """The MEM1 agent loop: turns of (state, action) generation, search, observation, until an answer.
 
 Engine- and task-agnostic: the engine (rollout/base.py) owns the KV cache and its consolidation; the episode
-(tasks/base.py) owns the action language, the environment and the scoring; this loop owns the protocol (DESIGN §6):
-parse each turn's action from the sampled ids, run the search (or hand an answer to the episode, which may reply
-and go on), append the observation, end on the episode's last answer, a malformed turn, or the last turn; the
-answers given are scored whichever way the episode ended. A search on the last turn is not executed (its result
-could never be read). A failing retriever becomes an observation, not a crash. Generated ids are kept as
-sampled; only environment text is tokenized. Each trajectory's `info` is an EpisodeStats.
+(tasks/base.py) owns the action language, the environment and the scoring; this loop owns the protocol
+(docs/design.md §6): parse each turn's action from the sampled ids, run the search (or hand an answer to the
+episode, which may reply and go on), append the observation, end on the episode's last answer, a malformed turn,
+or the last turn; the answers given are scored whichever way the episode ended. A search on the last turn is not
+executed (its result could never be read). A failing retriever becomes an observation, not a crash. Generated ids
+are kept as sampled; only environment text is tokenized. Each trajectory's `info` is an EpisodeStats.
 """
 from __future__ import annotations
 

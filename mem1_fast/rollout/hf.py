@@ -2,7 +2,7 @@
 follows the consolidation mode's KV plan.
 
 The engine for CPUs and tests. Per episode it keeps only the KV the mode's plan says the next turn may see
-(DESIGN §3); for the two exact modes that is:
+(docs/design.md §3); for the two exact modes that is:
 
 - recompute: the question's KV stays (a prefix cache); each turn re-encodes [t_{j-1} r_{j-1} i_{j-1}] after it at
   positions |q|.., generates g_j, then drops everything after the question.

@@ -6,7 +6,7 @@ token ids in and out (`TokensPrompt`; nothing sampled is decoded and re-encoded)
 only; q's full blocks are shared through prefix caching by every sample of a group and every turn (q's partial last
 block, and the turn's context, are encoded again: `KVStats.reencoded_tokens`). Every live episode of a step is
 submitted in one `generate` call. `retain` (keeping a turn's KV past its request) is not expressible through
-vLLM's public interfaces (shared/DESIGN §7); the paged engine serves it.
+vLLM's public interfaces (docs/design.md §3.2); the paged engine serves it.
 
 Log-probs are those of the sampling distribution (`logprobs_mode="processed_logprobs"`, so temperature is
 applied). Stops: single-token `</search>` / `</answer>` stop by token id, multi-token ones by stop string; the

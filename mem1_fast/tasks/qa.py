@@ -1,6 +1,6 @@
 """MEM1's multi-objective QA protocol on text: prompt, hint, action parsing, observations, scoring, parquet data.
 
-Tokenizer-agnostic: everything here works on strings; the rollout keeps token ids itself (DESIGN §2).
+Tokenizer-agnostic: everything here works on strings; the rollout keeps token ids itself (docs/design.md §2).
 Semantics follow the MEM1 code (reference §1.2, §1.3, §1.5, §1.6, §3.8), minus the defects of reference §9.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def mem1_prompt(questions: list[str]) -> str:
 
 
 def hint(turns_left: int) -> str:
-    """MEM1 training hint (GT:300-306); turns_left = max_turns - turn - 1, '' after the last turn."""
+    """MEM1's training hint; turns_left = max_turns - turn - 1, '' after the last turn."""
     if turns_left < 0:
         raise ValueError(f"turns_left must be >= 0, got {turns_left}")
     if turns_left == 0:
@@ -93,7 +93,7 @@ def _as_docs(docs) -> list[Doc]:
 
 
 def _frame(hint_text: str, body: str) -> str:
-    return f"\n\n<information>{hint_text}\n\n{body}</information>\n\n"  # GT:607
+    return f"\n\n<information>{hint_text}\n\n{body}</information>\n\n"  # MEM1's observation frame
 
 
 def format_observation(docs, hint: str, budget: int | None = None,

@@ -1,8 +1,8 @@
-"""Synthetic multi-hop QA: the default CPU task (DESIGN §6).
+"""Synthetic multi-hop QA: the default CPU task (docs/design.md §6).
 
 Every episode draws a fresh world from a fixed pool of pseudo-word names: which name is a person, a city, a
 company or a country, and every relation, is random per episode. Answers can therefore only come from the
-retrieved documents; a tiny model trained on a fixed world memorized it instead (learnability_probe.md).
+retrieved documents; a tiny model trained on a fixed world memorized it instead (docs/design.md §6).
 
 All text is whitespace-separated words from vocabulary() (tags and punctuation are words of their own), so a
 word-level tokenizer covers it exactly. Documents use MEM1's corpus format ('"name"\\n sentences').

@@ -1,6 +1,6 @@
 // mem1_fast/visibility.h -- index logic of interval visibility specs, shared by the CPU (C++) and CUDA code.
 //
-// A visibility spec (DESIGN.md §4) gives, for every query row p of a packed batch of T tokens, K half-open key
+// A visibility spec (docs/design.md §4) gives, for every query row p of a packed batch of T tokens, K half-open key
 // intervals [lo[p,k], hi[p,k]) in packed coordinates (row-major int32 arrays [T, K]). Row p may read column c iff
 // c lies in one of its intervals. Contract: 0 <= lo <= hi <= p + 1; an empty interval has lo == hi (its value is
 // otherwise irrelevant); the non-empty intervals of a row are sorted and disjoint.
