@@ -49,10 +49,12 @@ log "cuda tests exit $? in $(( $(date +%s) - t1 )) s: $(tail -n 1 "$report/tests
 
 # 3. benchmark tables: state_attention (Triton, CUDA C++, FlexAttention, FlashAttention varlen / xformers when
 #    installed, against SDPA with the dense mask) at 4 and 16 turns, both exact modes; logprob_entropy / ppo_loss
-#    (against Liger, cut-cross-entropy, verl, torch when installed, and the bare LM-head matmul)
+#    (against Liger, cut-cross-entropy, verl, torch when installed, and the bare LM-head matmul); paged_attention's
+#    Triton decode (against attention over a contiguous KV cache)
 t2=$(date +%s)
 MEM1_FAST_BENCH_JSON="$report/bench_rows.json" TRITON_INTERPRET=0 timeout "${MEM1_FAST_GPU_CHECK_BENCH_S:-240}" \
-  "$PY" -m pytest benchmarks/benchmark_state_attention.py benchmarks/benchmark_logprob_entropy.py -q \
+  "$PY" -m pytest benchmarks/benchmark_state_attention.py benchmarks/benchmark_logprob_entropy.py \
+  benchmarks/benchmark_paged_attention.py -q \
   -p no:cacheprovider -k "cuda and not 8turns" --benchmark-json="$report/pytest_benchmark.json" \
   >"$report/bench.log" 2>&1
 log "benchmarks exit $? in $(( $(date +%s) - t2 )) s"
