@@ -31,7 +31,7 @@ from pathlib import Path
 import oracles
 import pytest
 import torch
-from triton_compile import SMEM_LIMIT, compile_rows
+from triton_compile import SMEM_LIMIT, compile_rows, report
 
 from mem1_fast.ops import logprob_entropy
 from mem1_fast.ops.ppo_loss import ppo_loss
@@ -263,7 +263,7 @@ def test_shipped_configs_are_consistent():
             assert min(g.BM, g.BN, g.BK) >= 16 and all(x & (x - 1) == 0 for x in (g.BM, g.BN, g.BK))
         for launch in (cfg.fwd, cfg.dz, cfg.dh, cfg.dw):
             assert launch.num_warps in (1, 2, 4, 8, 16) and 1 <= launch.num_stages <= 5
-    assert set(tk.MAIN_CONFIGS) <= set(tk.shipped_configs())
+    assert set(report.LE_MAIN_CONFIGS) <= set(report.le_shipped_configs())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,29 +271,29 @@ def test_shipped_configs_are_consistent():
 # ---------------------------------------------------------------------------------------------------------------
 
 def _check_rows(rows, combos, no_spill_combos):
-    print("\n" + tk.format_report(rows))
+    print("\n" + report.format_report(rows))
     got = {(r["kernel"], r["H"], r["dtype"], r["arch"]) for r in rows}
-    want = {(k, H, dt, a) for k in tk._KERNELS for H, dt in combos for a in ("sm_80", "sm_90a")
+    want = {(k, H, dt, a) for k in report.LE_KERNELS for H, dt in combos for a in ("sm_80", "sm_90a")
             if k != "ppo_token" or (H, dt) == combos[0]}
     assert got == want
     for r in rows:
         assert 0 < r["registers"] <= 255
         assert r["smem"] <= SMEM_LIMIT[r["arch"]], r
     spills = [r for r in rows if (r["H"], r["dtype"]) in no_spill_combos and (r["stack"] or r["local"])]
-    assert not spills, "register spills:\n" + tk.format_report(spills)
+    assert not spills, "register spills:\n" + report.format_report(spills)
 
 
 def test_main_configs_compile_for_sm80_and_sm90a_without_spills():
     """Every kernel of the main configuration (bf16, H = 4096: the gradient GEMMs in both chunk variants, the
     forward, merge, dz and PPO-token kernels), for sm_80 and sm_90a, no spills."""
-    _check_rows(compile_rows("logprob_entropy", []), tk.MAIN_CONFIGS, tk.MAIN_CONFIGS)
+    _check_rows(compile_rows("logprob_entropy", []), report.LE_MAIN_CONFIGS, report.LE_MAIN_CONFIGS)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MEM1_FAST_TEST_TRITON_COMPILE", "") != "all",
                     reason="set MEM1_FAST_TEST_TRITON_COMPILE=all (every shipped config; minutes)")
 def test_every_shipped_config_compiles():
-    _check_rows(compile_rows("logprob_entropy", ["--all"]), tk.shipped_configs(), tk.MAIN_CONFIGS)
+    _check_rows(compile_rows("logprob_entropy", ["--all"]), report.le_shipped_configs(), report.LE_MAIN_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import oracles
 import pytest
 import torch
-from triton_compile import SMEM_LIMIT, compile_rows
+from triton_compile import SMEM_LIMIT, compile_rows, report
 
 from mem1_fast.ops import state_attention
 from mem1_fast.visibility import Visibility, canonical
@@ -229,7 +229,7 @@ def test_shipped_configs_are_consistent():
                 assert t >= 16 and t & (t - 1) == 0
             for launch in (cfg.fwd, cfg.dq, cfg.dkdv, cfg.fwd_nan, cfg.dq_nan, cfg.dkdv_nan, cfg.pre):
                 assert launch.num_warps in (1, 2, 4, 8, 16) and 1 <= launch.num_stages <= 5
-    assert set(tk.MAIN_CONFIGS) <= set(tk.shipped_configs())
+    assert set(report.SA_MAIN_CONFIGS) <= set(report.sa_shipped_configs())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_shipped_configs_are_consistent():
 # ---------------------------------------------------------------------------------------------------------------
 
 def _check_rows(rows, kernels, combos, no_spill: bool):
-    print("\n" + tk.format_report(rows))
+    print("\n" + report.format_report(rows))
     got = {(r["kernel"], r["D"], r["dtype"], r["arch"]) for r in rows}
     want = {(k, D, dt, a) for k in kernels for D, dt in combos for a in ("sm_80", "sm_90a")}
     assert got == want
@@ -246,13 +246,13 @@ def _check_rows(rows, kernels, combos, no_spill: bool):
         assert r["smem"] <= SMEM_LIMIT[r["arch"]], r
     if no_spill:
         spills = [r for r in rows if r["stack"] or r["local"]]
-        assert not spills, "register spills:\n" + tk.format_report(spills)
+        assert not spills, "register spills:\n" + report.format_report(spills)
 
 
 def test_main_configs_compile_for_sm80_and_sm90a_without_spills():
     """fwd / dK-dV / dQ (the path every training step runs) for fp16 and bf16 at D = 64 and 128."""
     rows = compile_rows("state_attention", [])
-    _check_rows(rows, tk.MAIN_KERNELS, tk.MAIN_CONFIGS, no_spill=True)
+    _check_rows(rows, report.SA_MAIN_KERNELS, report.SA_MAIN_CONFIGS, no_spill=True)
 
 
 @pytest.mark.slow
@@ -260,8 +260,8 @@ def test_main_configs_compile_for_sm80_and_sm90a_without_spills():
                     reason="set MEM1_FAST_TEST_TRITON_COMPILE=all (every shipped config and kernel; minutes)")
 def test_every_shipped_config_compiles():
     rows = compile_rows("state_attention", ["--all"])
-    _check_rows(rows, list(tk._KERNELS), tk.shipped_configs(), no_spill=False)
-    main = [r for r in rows if (r["D"], r["dtype"]) in tk.MAIN_CONFIGS and r["kernel"] in tk.MAIN_KERNELS]
+    _check_rows(rows, list(report.SA_KERNELS), report.sa_shipped_configs(), no_spill=False)
+    main = [r for r in rows if (r["D"], r["dtype"]) in report.SA_MAIN_CONFIGS and r["kernel"] in report.SA_MAIN_KERNELS]
     assert not [r for r in main if r["stack"] or r["local"]]
 
 
@@ -273,7 +273,7 @@ def test_autotune_candidates_compile():
     limits (4-warp candidates may spill: the tuner then finds them slow, nothing breaks)."""
     rows = compile_rows("state_attention", ["--tune"])
     got = {(r["kernel"], r["D"], r["dtype"], r["arch"], r["num_warps"], r["num_stages"]) for r in rows}
-    want = {(k, D, dt, a, t.num_warps, t.num_stages) for k in tk.MAIN_KERNELS for D, dt in tk.MAIN_CONFIGS
+    want = {(k, D, dt, a, t.num_warps, t.num_stages) for k in report.SA_MAIN_KERNELS for D, dt in report.SA_MAIN_CONFIGS
             for a in ("sm_80", "sm_90a") for t in tk.TUNE_LAUNCHES}
     assert got == want
     for r in rows:

@@ -1,10 +1,8 @@
 """What the Triton backends share: whether the kernels run interpreted, the backend's `available`, reduction
-combine functions, and the resource figures of a compiled kernel (the compile checks without a GPU)."""
+combine functions. (Compiling them for a GPU without one, and their resource figures: tools/triton_report.py.)"""
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 
 import torch
 import triton
@@ -35,22 +33,3 @@ def available(device) -> bool:
         except Exception:  # noqa: BLE001 -- no usable driver is "not available"
             return False
     return False
-
-
-def resource_usage(cubin: bytes, name: str) -> dict:
-    """Registers, stack (= spill space: Triton kernels have no other stack use), local and static shared memory of
-    one kernel, from cuobjdump -res-usage (milliseconds, also on a Triton cache hit)."""
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    cuobjdump = os.path.join(os.path.dirname(get_ptxas(80).path), "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"Function " + re.escape(name) + r":\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    if m is None:
-        raise RuntimeError(f"no resource usage for {name} in cuobjdump output:\n{out}")
-    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "static_smem": int(m.group(3)),
-            "local": int(m.group(4))}

@@ -57,14 +57,13 @@ elements) plus, when a gradient summed over several chunks is not fp32, a fp32 s
 Pointers are formed as an int64 scalar base per tile plus int32 offsets inside it (which keeps the contiguous axis
 visible to the compiler: vectorized, cp.async-pipelined loads); row strides must be below 2^23 elements.
 
-Launch configurations: `CONFIGS` (no autotuning: results must not depend on timing). `python -m
-triton_kernels.logprob_entropy` compiles them for sm_80 / sm_90a without a GPU and prints registers / spills / shared
-memory (tests/test_logprob_entropy_triton.py runs it).
+Launch configurations: `CONFIGS` (no autotuning: results must not depend on timing). `python tools/triton_report.py
+logprob_entropy` compiles them for sm_80 / sm_90a without a GPU and prints registers / spills / shared memory
+(tests/test_logprob_entropy_triton.py runs it).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import astuple, dataclass
 
@@ -72,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, available, resource_usage  # noqa: F401 (available: the backend interface)
+from ._common import INTERPRETED, available  # noqa: F401 (available: the backend interface)
 from ._common import MAX as _MAX
 from ._common import SUM as _SUM
 
@@ -540,133 +539,3 @@ def _backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_h
             x = hidden[r0:r0 + R]
             _gemm(buf, (1, buf.stride(0)), x, c, cin, C, H, R, inv_tau, cfg.dw, cd)
     return d_hidden, d_weight
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Compile checks without a GPU: triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))
-# -----------------------------------------------------------------------------------------------------------------
-
-# name in reports -> (module, kernel, fixed constexprs, config field or None)
-_KERNELS = {
-    "fwd": ("logprob_entropy", "_fwd_kernel", {"EVEN_H": True}, "fwd"),
-    "combine": ("logprob_entropy", "_combine_kernel", {"BLOCK": 256}, None),
-    "dz": ("logprob_entropy", "_dz_kernel", {"EVEN_H": True, "GROUP": 8}, "dz"),
-    # A = dz (K-stride 1) for d_hidden, dz^T (M-stride 1) for d_weight: the launcher specializes a stride of 1 as a
-    # constant, and so does the check
-    "gemm_dh": ("logprob_entropy", "_gemm_kernel", {"ACCUM": False, "s_ak": 1}, "dh"),
-    "gemm_dh_acc": ("logprob_entropy", "_gemm_kernel", {"ACCUM": True, "s_ak": 1}, "dh"),
-    "gemm_dw": ("logprob_entropy", "_gemm_kernel", {"ACCUM": False, "s_am": 1}, "dw"),
-    "gemm_dw_acc": ("logprob_entropy", "_gemm_kernel", {"ACCUM": True, "s_am": 1}, "dw"),
-    "ppo_token": ("ppo_loss", "_ppo_token_kernel", {"BLOCK": 256, "HAS_REF": True, "HAS_W": True}, None),
-}
-_DT = {"fp16": (torch.float16, tl.float16), "bf16": (torch.bfloat16, tl.bfloat16), "fp32": (torch.float32, tl.float32)}
-_H_OF_CLASS = {"small": 1024, "large": 4096}
-MAIN_CONFIGS = [(4096, "bf16")]  # Qwen-7B-class LM heads in bf16: must not spill
-MAIN_KERNELS = tuple(_KERNELS)
-
-
-def shipped_configs():
-    """Every (H, dtype name) that selects a distinct shipped configuration and dot dtype."""
-    return [(H, dt) for H in (1024, 4096, 8192) for dt in _DT]
-
-
-def _signature(fn, consts: dict, data_dt: str, cd_dt: str) -> tuple[dict, dict]:
-    """Argument types as the launcher specializes them for the main shapes: torch allocations (pointers 16-byte
-    aligned), H and V multiples of 16 (4096, 151936 / 152064, ...), so the row strides and the gradient GEMMs'
-    sizes are too (the dz buffer's rows are padded to 16 elements); N (rows) is arbitrary."""
-    # the gradient GEMMs as the last chunk runs them: C = the gradient in the input dtype, CIN = the fp32 sum
-    data = {"X": data_dt, "W": data_dt, "DZ": cd_dt, "A": cd_dt, "B": data_dt, "C": data_dt, "CIN": "fp32"}
-    i64 = {"TGT"}
-    f32_ptrs = {"PART", "LOGP", "ENT", "STATS", "GL", "GE", "OLD", "ADV", "REF", "TW", "LOSS"}
-    floats = {"inv_tau", "alpha", "clip_eps", "ent_coef", "kl_coef", "inv_norm"}
-    div16 = {"H", "V", "M", "NC", "K", "stride_x", "stride_w", "stride_dz", "s_am", "s_ak", "s_bk", "s_cm", "s_cin"}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-            continue
-        if name in data:
-            sig[name] = "*" + data[name]
-        elif name in i64:
-            sig[name] = "*i64"
-        elif name in f32_ptrs:
-            sig[name] = "*fp32"
-        elif name in floats:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-        if sig[name].startswith("*") or name in div16:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs
-
-
-def compile_kernel(kernel: str, H: int, dtype: str, arch: int, config: Config | None = None) -> dict:
-    """Compile one kernel of the shipped config for (H, dtype) for `sm_{arch}` (80 -> sm_80, 90 -> sm_90a) without
-    a GPU and return its figures. Needs the un-interpreted kernels: run it in a process without TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        raise RuntimeError("compile_kernel needs the compiled kernels: run it in a process without TRITON_INTERPRET=1")
-    import importlib
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    mod_name, fn_name, fixed, field = _KERNELS[kernel]
-    mod = importlib.import_module(f"{__package__}.{mod_name}") if __package__ else None
-    fn = getattr(mod, fn_name) if mod is not None else globals()[fn_name]
-    torch_dt, tl_dt = _DT[dtype]
-    cfg = config or CONFIGS[(_dtype_class(torch_dt), _h_class(H))]
-    consts = dict(CD=tl_dt, PREC="ieee" if dtype == "fp32" else "tf32", **fixed)
-    tiles, launch = "-", (4, 1)
-    if field is not None:
-        c = getattr(cfg, field)
-        if isinstance(c, Tile):
-            consts.update(BLOCK_N=c.BLOCK_N, BLOCK_V=c.BLOCK_V, BLOCK_H=c.BLOCK_H)
-            tiles = f"{c.BLOCK_N}x{c.BLOCK_V}x{c.BLOCK_H}"
-        else:
-            consts.update(BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M)
-            tiles = f"{c.BM}x{c.BN}x{c.BK}"
-        launch = (c.num_warps, c.num_stages)
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    sig, attrs = _signature(fn, consts, dtype, dtype)
-    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": launch[0], "num_stages": launch[1]})
-    usage = resource_usage(ck.asm["cubin"], ck.metadata.name)
-    return dict(kernel=kernel, H=H, dtype=dtype, arch=f"sm_{arch}" + ("a" if arch >= 90 else ""), tiles=tiles,
-                num_warps=launch[0], num_stages=launch[1], smem=ck.metadata.shared, **usage)
-
-
-def format_report(rows: list[dict]) -> str:
-    head = (f"{'kernel':<12}{'H':>5} {'dtype':<5} {'arch':<7}{'tiles':>12} {'warps':>5} {'stages':>6} {'regs':>5} "
-            f"{'spill(B)':>8} {'smem(B)':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['kernel']:<12}{r['H']:>5} {r['dtype']:<5} {r['arch']:<7}{r['tiles']:>12} "
-                     f"{r['num_warps']:>5} {r['num_stages']:>6} {r['registers']:>5} {r['stack'] + r['local']:>8} "
-                     f"{r['smem']:>8}")
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    """python -m triton_kernels.logprob_entropy [--arch 80 90] [--all] [--json]: compile and report."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--all", action="store_true", help="every shipped config (default: the main configs)")
-    ap.add_argument("--kernels", nargs="+")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
-    combos = shipped_configs() if a.all else MAIN_CONFIGS
-    kernels = a.kernels or list(_KERNELS)
-    rows = []
-    for arch in a.arch:
-        for H, dt in combos:
-            for k in kernels:
-                if k == "ppo_token" and (H, dt) != combos[0]:
-                    continue  # elementwise on fp32 [N]: independent of H and dtype
-                rows.append(compile_kernel(k, H, dt, arch))
-    print(json.dumps(rows) if a.json else format_report(rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -25,7 +25,7 @@ from ._common import INTERPRETED, MAX, SUM, available  # noqa: F401 (available: 
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TILE_ELEMENTS = 4096  # the scores' broadcast product [BLOCK_G, BLOCK_N, BLOCK_D] per tile: 32 fp32 per thread at
-# 4 warps, no spill in any shipped configuration (tools/triton_compile.py); twice that spilled at G = 8, D = 128
+# 4 warps, no spill in any shipped configuration (tools/triton_report.py); twice that spilled at G = 8, D = 128
 MIN_SPLIT_SLOTS = 256  # no split covers fewer slots than this: the combine must stay cheap against the work
 
 

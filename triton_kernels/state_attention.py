@@ -40,14 +40,12 @@ fp16 / bf16 / fp32 inputs, fp32 accumulation; fp32 inputs use IEEE fp32 dot prod
 backend computes the same function as the reference. Under the interpreter (TRITON_INTERPRET=1, CPU tensors) bf16
 is computed in fp32 after the load (the interpreter's bf16 arithmetic is broken) and fixed small tiles are used.
 
-GPU readiness without a GPU: `compile_kernel` compiles any kernel of the shipped configs for sm_80 / sm_90a with
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and reads registers / spill (stack) bytes /
-shared memory back; `python -m mem1_fast.triton_kernels.state_attention [--all]` prints the table (run it with
+GPU readiness without a GPU: `python tools/triton_report.py state_attention [--all]` compiles the kernels of the
+shipped configs for sm_80 / sm_90a and prints registers / spill (stack) bytes / shared memory (run it with
 TRITON_INTERPRET unset: the decorators read it at import).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -55,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, available, resource_usage  # noqa: F401 (available: the backend interface)
+from ._common import INTERPRETED, available  # noqa: F401 (available: the backend interface)
 from ._common import MAX as _MAX
 from ._common import SUM as _SUM
 
@@ -132,7 +130,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # per (kernel, D, tiles, intervals, dtypes) in the process and keeps the fastest. Only num_warps / num_stages vary:
 # the tiles are those of the block map the front built, so the tile walk and its summation order stay the same.
 # Off by default: the shipped launches are the ones the compile checks hold to zero spills, and a first call that
-# times 4 launches per kernel is a surprise in a trainer. `python -m ... --tune` compiles the candidates.
+# times 4 launches per kernel is a surprise in a trainer. `tools/triton_report.py state_attention --tune` compiles
+# the candidates.
 AUTOTUNE = os.environ.get("MEM1_FAST_TRITON_AUTOTUNE", "0") == "1"
 TUNE_LAUNCHES = tuple(Launch(w, s) for w in (4, 8) for s in (2, 3))
 _TUNED: dict = {}
@@ -608,125 +607,3 @@ def backward(dout, q, k, v, out, lse, vis, scale, BM, BN, deterministic):
                       float(scale), D, BM, BN, NK, cd, prec),
                      cfg.dq, cfg.dq_nan)
     return dq, dk, dv
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Compile checks without a GPU: triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))
-# -----------------------------------------------------------------------------------------------------------------
-
-_KERNELS = {  # name in reports -> (kernel, constexpr overrides, which Launch of the Config, (tile BM, tile BN))
-    "fwd": ("_fwd_kernel", {"SANITIZE": False}, "fwd", ("BM", "BN")),
-    "fwd_nan": ("_fwd_kernel", {"SANITIZE": True}, "fwd_nan", ("BM", "BN")),
-    "preprocess": ("_bwd_preprocess_kernel", {"BLK": 64}, "pre", None),
-    "dkdv": ("_bwd_dkdv_kernel", {"SANITIZE": False}, "dkdv", ("BM_kv", "BN_kv")),
-    "dkdv_nan": ("_bwd_dkdv_kernel", {"SANITIZE": True}, "dkdv_nan", ("BM_kv", "BN_kv")),
-    "dq": ("_bwd_dq_kernel", {"SANITIZE": False}, "dq", ("BM", "BN")),
-    "dq_nan": ("_bwd_dq_kernel", {"SANITIZE": True}, "dq_nan", ("BM", "BN")),
-    "kv_flag": ("_kv_nonfinite_kernel", {"BLK": 64}, None, None),
-}
-_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-_F32_PTRS = {"LSE", "LSE2", "DELTA"}
-_I32_PTRS = {"LO", "HI", "PP", "PI", "FP", "FI", "KVBAD"}
-_DT = {"fp16": (torch.float16, tl.float16), "bf16": (torch.bfloat16, tl.bfloat16), "fp32": (torch.float32, tl.float32)}
-
-
-def shipped_configs():
-    """Every (D, dtype name) with a shipped GPU config."""
-    return [(D, dt) for D in HEAD_DIMS for dt in _DT]
-
-
-def compile_kernel(kernel: str, D: int, dtype: str, arch: int, NK: int = 2, config: Config | None = None) -> dict:
-    """Compile one kernel of the shipped config for `sm_{arch}` (80 -> sm_80, 90 -> sm_90a) without a GPU and return
-    its figures. Needs the un-interpreted kernels: call it in a process without TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        raise RuntimeError("compile_kernel needs the compiled kernels: run it in a process without TRITON_INTERPRET=1")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn_name, fixed, launch_field, tiles = _KERNELS[kernel]
-    fn = globals()[fn_name]
-    torch_dt, tl_dt = _DT[dtype]
-    cfg = config or CONFIGS[(D, _dtype_class(torch_dt))]
-    consts = dict(D=D, NK=NK, CD=tl_dt, PREC="ieee" if dtype == "fp32" else "tf32", **fixed)
-    if tiles is not None:
-        consts["BM"], consts["BN"] = getattr(cfg, tiles[0]), getattr(cfg, tiles[1])
-    launch = getattr(cfg, launch_field) if launch_field else Launch(4, 1)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-            continue
-        if name in _DATA_PTRS:
-            sig[name] = "*" + dtype
-        elif name in _F32_PTRS:
-            sig[name] = "*fp32"
-        elif name in _I32_PTRS:
-            sig[name] = "*i32"
-        elif name in ("qk_scale", "scale"):
-            sig[name] = "fp32"
-        else:  # T, G, strides
-            sig[name] = "i32"
-        if sig[name].startswith("*") or name.startswith("stride"):
-            # what the launcher specializes for torch allocations and [T, H, D] strides with D in {32, 64, 128}
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    src = ASTSource(fn, sig, consts, attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
-    usage = resource_usage(ck.asm["cubin"], ck.metadata.name)
-    t = consts.get("BM"), consts.get("BN")
-    return dict(kernel=kernel, D=D, dtype=dtype, arch=f"sm_{arch}" + ("a" if arch >= 90 else ""),
-                tiles=f"{t[0]}x{t[1]}" if t[0] else "-", num_warps=launch.num_warps, num_stages=launch.num_stages,
-                smem=ck.metadata.shared, **usage)
-
-
-def _with_launch(cfg: Config, kernel: str, launch: Launch) -> Config:
-    import dataclasses
-    return dataclasses.replace(cfg, **{_KERNELS[kernel][2]: launch})
-
-
-def format_report(rows: list[dict]) -> str:
-    head = (f"{'kernel':<11}{'D':>4} {'dtype':<5} {'arch':<7}{'tiles':>8} {'warps':>5} {'stages':>6} {'regs':>5} "
-            f"{'spill(B)':>8} {'smem(B)':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['kernel']:<11}{r['D']:>4} {r['dtype']:<5} {r['arch']:<7}{r['tiles']:>8} "
-                     f"{r['num_warps']:>5} {r['num_stages']:>6} {r['registers']:>5} {r['stack'] + r['local']:>8} "
-                     f"{r['smem']:>8}")
-    return "\n".join(lines)
-
-
-MAIN_CONFIGS = [(D, dt) for D in (64, 128) for dt in ("fp16", "bf16")]
-MAIN_KERNELS = ("fwd", "dkdv", "dq")  # the fast path of every training step; the *_nan variants run only when K/V
-#                                      hold a non-finite value
-
-
-def main(argv=None):
-    """python -m mem1_fast.triton_kernels.state_attention [--arch 80 90] [--all] [--json]: compile and report."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--all", action="store_true", help="every shipped config and kernel (default: main configs)")
-    ap.add_argument("--head-dims", type=int, nargs="+")
-    ap.add_argument("--dtypes", nargs="+")
-    ap.add_argument("--kernels", nargs="+")
-    ap.add_argument("--tune", action="store_true", help="the autotuning candidates TUNE_LAUNCHES of the fast kernels")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
-    combos = shipped_configs() if a.all else MAIN_CONFIGS
-    if a.head_dims:
-        combos = [c for c in combos if c[0] in a.head_dims]
-    if a.dtypes:
-        combos = [c for c in combos if c[1] in a.dtypes]
-    kernels = a.kernels or (list(_KERNELS) if a.all else MAIN_KERNELS)
-    if a.tune:
-        rows = [compile_kernel(k, D, dt, arch, config=_with_launch(CONFIGS[(D, _dtype_class(_DT[dt][0]))], k, t))
-                for arch in a.arch for D, dt in combos for k in (a.kernels or MAIN_KERNELS) for t in TUNE_LAUNCHES]
-    else:
-        rows = [compile_kernel(k, D, dt, arch) for arch in a.arch for D, dt in combos for k in kernels]
-    print(json.dumps(rows) if a.json else format_report(rows))
-
-
-if __name__ == "__main__":
-    main()
