@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-import triton_report as report  # noqa: E402
+import triton_report as report  # noqa: E402, F401 (the tests read its kernel lists)
 
 SMEM_LIMIT = {"sm_80": 166912, "sm_90a": 232448}  # max dynamic shared memory per block (A100, H100)
 
