@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from mem1_fast.retrieval import BM25Retriever, Doc, HttpRetriever, RetrievalError, load_corpus
+from mem1_fast.retrieval import BM25Retriever, HttpRetriever, RetrievalError, load_corpus
 from mem1_fast.retrieval import server as srv
 
 WORDS = "river bank money loan fish boat tree forest city road bridge tower music film book paper stone".split()
