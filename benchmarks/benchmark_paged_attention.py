@@ -1,6 +1,7 @@
 """paged_attention, one decode step of a batch: the kernel reading K/V through block tables in place, against what a
 user of a contiguous-KV attention has: K/V already contiguous per sequence ([B, Hkv, S, D], padded: no paging at
-all) with batched matmuls (einsum, GQA without copies: the strongest baseline) or SDPA (`enable_gqa`), and the matmuls after gathering each sequence's live K/V out of the pool.
+all) with batched matmuls (einsum, GQA without copies: the strongest baseline) or SDPA (`enable_gqa`), and the
+matmuls after gathering each sequence's live K/V out of the pool.
 
 64 sequences, 8 query / 4 key-value heads, D = 64, fp32, 2 threads; each sequence's live slots are a question of
 512 tokens plus the last turn of 512-1024 (MEM1's retained state, action and observation), with a dead partial block

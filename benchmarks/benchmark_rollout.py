@@ -116,8 +116,8 @@ def worker(engine: str, config: str, mode: str) -> dict:
 
 def _run(engine, config, mode):
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, str(HERE / "benchmark_rollout.py"), engine, config, mode], capture_output=True,
-                         text=True, timeout=3600, env=env)
+    out = subprocess.run([sys.executable, str(HERE / "benchmark_rollout.py"), engine, config, mode],
+                         capture_output=True, text=True, timeout=3600, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1][:200])
     return json.loads(out.stdout.strip().splitlines()[-1])

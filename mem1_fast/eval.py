@@ -34,9 +34,9 @@ from .train import TaskOptions, UsageError
 
 def summarize(trajs, wall_s: float | None = None) -> dict:
     """Per-episode statistics (EpisodeStats in `Trajectory.info`) averaged: EM and F1 per objective, answered and
-    valid rates, turns, searches, peak KV tokens (mean and max over episodes) and bytes, tokens prefilled (all, re-encoded,
-    new), tokens generated; with the wall
-    time of the batch, the seconds per turn (one engine step serves one turn of every live episode)."""
+    valid rates, turns, searches, peak KV tokens (mean and max over episodes) and bytes, tokens prefilled (all,
+    re-encoded, new), tokens generated; with the wall time of the batch, the seconds per turn (one engine step serves
+    one turn of every live episode)."""
     n = len(trajs)
     if n == 0:
         raise ValueError("summarize: no trajectories")

@@ -90,7 +90,8 @@ def test_same_greedy_turns_as_the_hf_engine(model_tok, mode):
     prompts = [[random.Random(i).randrange(3, 40) for _ in range(3 + 4 * i)] for i in range(4)]
     out = {}
     for engine in (HFEngine, PagedEngine):
-        eng = engine(model, tok, mode, max_new_tokens=10, greedy=True, **({"block_size": 4} if engine is PagedEngine else {}))
+        kw = {"block_size": 4} if engine is PagedEngine else {}
+        eng = engine(model, tok, mode, max_new_tokens=10, greedy=True, **kw)
         gens, _ = turns(eng, prompts, 5, random.Random(9), greedy=True)
         out[engine] = (gens, [eng.kv_stats(i) for i in range(4)])
     for turn_a, turn_b in zip(out[HFEngine][0], out[PagedEngine][0]):

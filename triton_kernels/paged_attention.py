@@ -4,11 +4,12 @@
     forward(q, k_cache, v_cache, block_table, seq, lo, hi, scale) -> out [T, Hq, D] in q's dtype
 
 Grid (row, key/value head, split). A program loads the G = Hq / Hkv query heads of its group once (GQA: every key
-and value it reads serves all of them), walks its share of the row's slot span in tiles of `block_n(G, D)` slots, looks each
-slot's block up in the row's sequence's table (slot s: offset s % BS of block table[seq, s / BS]) and reads K/V in
-place, masked to the row's intervals, with an online softmax in fp32 (fp64 for fp64). Split-K: the span is cut
-into `splits` contiguous shares so that long contexts at small batch still fill the GPU; each share writes its
-(max, sum, unnormalised output) and `_combine_kernel` merges them in a fixed order (deterministic, no atomics).
+and value it reads serves all of them), walks its share of the row's slot span in tiles of `block_n(G, D)` slots,
+looks each slot's block up in the row's sequence's table (slot s: offset s % BS of block table[seq, s / BS]) and
+reads K/V in place, masked to the row's intervals, with an online softmax in fp32 (fp64 for fp64). Split-K: the
+span is cut into `splits` contiguous shares so that long contexts at small batch still fill the GPU; each share
+writes its (max, sum, unnormalised output) and `_combine_kernel` merges them in a fixed order (deterministic, no
+atomics).
 The number of splits comes from the shapes alone (the table's width bounds the span), so launching needs no sync.
 
 Slots outside a row's intervals are never loaded (masked loads), so never-written or evicted memory cannot leak;

@@ -1,9 +1,10 @@
 // mem1_fast::paged_attention -- CPU kernel of attention over a paged KV cache (mem1_fast/ops/paged_attention.py).
 //
 // One task per query row: slot by slot, the row's query heads read the slot's keys and values of every head while
-// they are in cache (the Hq/Hkv query heads of a group share each read: GQA), and K/V are read in place through the row's sequence's block table -- slot s is offset s % BS of block
-// table[seq, s / BS] -- over the slots of the row's intervals only: nothing is gathered, and slots outside them
-// (never-written or evicted memory) are never touched.
+// they are in cache (the Hq/Hkv query heads of a group share each read: GQA). K/V are read in place through the
+// row's sequence's block table -- slot s is offset s % BS of block table[seq, s / BS] -- over the slots of the
+// row's intervals only: nothing is gathered, and slots outside them (never-written or evicted memory) are never
+// touched.
 //
 //   pass 1  the scores of the visible slots (scaled), kept in a per-thread buffer with each slot's cache offset;
 //   pass 2  max, exp, sum per query head; O = sum_s p_s V_s / l.
