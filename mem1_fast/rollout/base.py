@@ -55,12 +55,15 @@ class KVStats:
         self.peak_kv_bytes = max(self.peak_kv_bytes, kv_bytes)
 
 
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
     """Bytes of K and V one token takes over all layers of `model`, stored in `dtype` (default: the model's)."""
     cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elt = (dtype or next(model.parameters()).dtype).itemsize
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * elt
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * elt
 
 
 class Engine(Protocol):

@@ -65,6 +65,7 @@ class HFEngine:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.gen = torch.Generator().manual_seed(seed)
+        self.token_bytes = kv_bytes_per_token(model)  # KV of one token, all layers (the accounting's unit)
         self.episodes: list[_Episode] = []
 
     # --- public API ---------------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ class HFEngine:
             if ep.keys[0].shape[1] != ep.tags.numel():
                 raise RuntimeError(f"engine bookkeeping: {ep.keys[0].shape[1]} live slots, {ep.tags.numel()} tags")
             n = ep.tags.numel()
-            ep.stats.end_turn(n, n * kv_bytes_per_token(self.model))
+            ep.stats.end_turn(n, n * self.token_bytes)
 
 
 register("hf", HFEngine, serves=lambda plan: True)  # its cache follows any KV plan

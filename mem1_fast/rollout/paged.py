@@ -28,7 +28,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..ops.paged_attention import paged_attention
-from .base import Generation, kv_bytes_per_token, register
+from .base import Generation, head_dim, register
 from .hf import HFEngine, _Episode
 from .kv_pool import BlockPool, SequenceKV
 
@@ -97,7 +97,7 @@ class PagedEngine(HFEngine):
                  block_size: int = 16, num_blocks: int = 2048):
         super().__init__(model, tokenizer, mode, max_new_tokens, temperature, greedy, stop_strings, seed)
         self.pool = BlockPool(num_blocks, block_size)
-        self.block_bytes = block_size * kv_bytes_per_token(model)  # one block of every layer's K and V
+        self.block_bytes = block_size * self.token_bytes  # one block of every layer's K and V
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.peak_blocks_used = 0
@@ -110,8 +110,7 @@ class PagedEngine(HFEngine):
         if not self.k_cache:
             cfg = self.model.config
             p = next(self.model.parameters())
-            hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            shape = (self.pool.num_blocks, self.pool.block_size, cfg.num_key_value_heads, hd)
+            shape = (self.pool.num_blocks, self.pool.block_size, cfg.num_key_value_heads, head_dim(cfg))
             self.k_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.num_hidden_layers)]
             self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
 
