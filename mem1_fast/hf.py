@@ -4,6 +4,7 @@
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="mem1_fast")
     with mem1_fast.hf.visibility(vis):                   # one packed row, interval visibility
         out = model(input_ids=ids[None], position_ids=pos[None])
+    out = model(input_ids=ids[None], position_ids=pos[None], visibility=vis)  # the same; torch.compile-able
     hidden = packed_hidden_states(model, ids, pos, vis)  # the same, returning the final hidden states [T, H]
 
 Inside `visibility(vis)`, the registered mask function hands the `Visibility` to every layer as its mask (no mask
@@ -11,6 +12,11 @@ is built: no T x T work), and the attention runs `ops.state_attention` over the 
 padded batch, generation with a KV cache, a 4-D custom mask) runs transformers' SDPA path with SDPA's own mask
 function, so padding is honoured (registering only the attention function would make transformers silently drop
 the padding mask).
+
+Under torch.compile pass the visibility as the `visibility=` keyword of the model's forward (transformers hands it
+to every attention layer): compiled code cannot read the context variable, and `torch.compile(fullgraph=True)`
+then traces the whole model, the registered op `torch.ops.mem1_fast.state_attention` included, without a break.
+A compiled forward inside `visibility(vis)` without the keyword raises instead of silently attending causally.
 """
 from __future__ import annotations
 
@@ -27,19 +33,28 @@ from .visibility import Visibility
 
 NAME = "mem1_fast"
 _ACTIVE: contextvars.ContextVar[Visibility | None] = contextvars.ContextVar("mem1_fast_visibility", default=None)
+_OPEN = 0  # visibility() blocks open in any thread: a plain int compiled code can read (and guard on)
 
 
 @contextlib.contextmanager
 def visibility(vis: Visibility):
     """Run the model's forward passes inside this block over one packed row with visibility `vis`."""
+    global _OPEN
     token = _ACTIVE.set(vis)
+    _OPEN += 1
     try:
         yield vis
     finally:
+        _OPEN -= 1
         _ACTIVE.reset(token)
 
 
 def mem1_fast_mask(*args, **kwargs):
+    if torch.compiler.is_compiling():
+        if _OPEN:
+            raise RuntimeError("mem1_fast: a compiled forward cannot see the visibility() block around it; pass "
+                               "visibility=vis to the model's forward instead")
+        return sdpa_mask(*args, **kwargs)  # ignored by the attention when `visibility=` is given
     vis = _ACTIVE.get()
     return vis if vis is not None else sdpa_mask(*args, **kwargs)
 

@@ -7,9 +7,11 @@ Memory is O(T*K); nothing here ever builds a T x T tensor except `dense()`, whic
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 class VisibilityError(ValueError):
@@ -69,7 +71,6 @@ class Visibility:
     lo: torch.Tensor
     hi: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
-    _block_maps: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def T(self) -> int:
@@ -114,17 +115,17 @@ class Visibility:
 
     def block_map(self, BM: int, BN: int, backend: str | None = None) -> BlockMap:
         """Block map for tiles (BM, BN), built once and cached: every layer of a forward reuses it."""
-        key = (BM, BN)
-        if key not in self._block_maps:
-            self._block_maps[key] = build_block_map(self.lo, self.hi, BM, BN, backend)
-        return self._block_maps[key]
+        maps = block_map_cache(self.lo, self.hi)
+        if (BM, BN) not in maps:
+            maps[(BM, BN)] = build_block_map(self.lo, self.hi, BM, BN, backend)
+        return maps[(BM, BN)]
 
     def transposed_block_map(self, BM: int, BN: int) -> BlockMap:
         """`block_map(BM, BN)` indexed by key block (the backward's dK/dV pass), cached beside it."""
-        key = ("transposed", BM, BN)
-        if key not in self._block_maps:
-            self._block_maps[key] = self.block_map(BM, BN).transpose()
-        return self._block_maps[key]
+        maps = block_map_cache(self.lo, self.hi)
+        if ("transposed", BM, BN) not in maps:
+            maps[("transposed", BM, BN)] = self.block_map(BM, BN).transpose()
+        return maps[("transposed", BM, BN)]
 
     def dense(self) -> torch.Tensor:
         """[T, T] bool mask, True = visible. For tests and small examples only."""
@@ -135,6 +136,30 @@ class Visibility:
 
     def visible_pairs(self) -> int:
         return int((self.hi.long() - self.lo.long()).sum())
+
+
+# Block maps are cached per (lo, hi) pair of tensors, not per Visibility object: the registered ops
+# (torch.ops.mem1_fast.state_attention) receive lo and hi as tensors, and every layer of a forward -- eager or
+# compiled -- passes the same two, so the map is built once per batch either way. The key is held weakly (a map
+# lives as long as its lo); an in-place change of lo or hi (their version counters) invalidates the entry.
+_BLOCK_MAPS = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot change outside inference mode)
+        return -1
+
+
+def block_map_cache(lo: torch.Tensor, hi: torch.Tensor) -> dict:
+    """The dict of block maps built for this (lo, hi): {(BM, BN): BlockMap, ("transposed", BM, BN): BlockMap}."""
+    entry = _BLOCK_MAPS.get(lo)
+    stamp = (_version(lo), _version(hi))
+    if entry is None or entry[0]() is not hi or entry[1] != stamp:
+        entry = (weakref.ref(hi), stamp, {})
+        _BLOCK_MAPS[lo] = entry
+    return entry[2]
 
 
 def _fail_at(bad: torch.Tensor, what: str, lo, hi):

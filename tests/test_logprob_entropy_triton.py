@@ -161,9 +161,9 @@ def test_partial_upstream_and_needed_gradients(tiles, use, need):
     """g_logp or g_ent None (that output unused); only d_hidden or only d_weight asked for (a frozen head)."""
     tiles(chunk_bytes=16 * 300 * 4, axis="row")
     hidden, weight, targets, g, _ = case(37, 40, 300)
-    _, _, saved = tk.forward(hidden, weight, targets, 0.7)
+    _, _, stats = tk.forward(hidden, weight, targets, 0.7)
     gl, ge = (g, None) if use == "logp" else (None, g)
-    dh, dw = tk.backward(gl, ge, hidden, weight, targets, 0.7, saved, *need)
+    dh, dw = tk.backward(gl, ge, hidden, weight, targets, 0.7, stats, *need)
     assert (dh is None) != need[0] and (dw is None) != need[1]
     h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
     out = oracles.logprob_entropy(h, w, targets, 0.7)[0 if use == "logp" else 1]
@@ -186,7 +186,7 @@ def test_strided_inputs_and_determinism(tiles):
     assert h_view.stride(0) == 56 and not w_t.is_contiguous()
     ref = tk.forward(hidden, weight, targets, 0.7)
     got = tk.forward(h_view, w_t, targets, 0.7)
-    assert all(torch.equal(a, b) for a, b in zip(ref[:2] + ref[2], got[:2] + got[2]))
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
     runs = [tk.backward(gl, ge, h, w, targets, 0.7, ref[2], True, True)
             for h, w in ((hidden, weight), (h_view, w_t), (hidden, weight))]
     for r in runs[1:]:
@@ -216,9 +216,9 @@ def test_extreme_and_uniform_logits(tiles):
 def test_empty_batch_and_interface(tiles):
     tiles()
     hidden, weight = torch.zeros(0, 32), torch.randn(50, 32)
-    lp, ent, saved = tk.forward(hidden, weight, torch.zeros(0, dtype=torch.long), 1.0)
+    lp, ent, stats = tk.forward(hidden, weight, torch.zeros(0, dtype=torch.long), 1.0)
     assert lp.shape == ent.shape == (0,)
-    dh, dw = tk.backward(torch.zeros(0), None, hidden, weight, torch.zeros(0, dtype=torch.long), 1.0, saved, True,
+    dh, dw = tk.backward(torch.zeros(0), None, hidden, weight, torch.zeros(0, dtype=torch.long), 1.0, stats, True,
                          True)
     assert dh.shape == (0, 32) and (dw == 0).all()
     assert tk.available("cpu") and not tk.available("cuda") and tp.available("cpu")
@@ -662,7 +662,7 @@ def test_cu_forward_on_cpu_emulator(emu_lib, dtype, N, H, V, hstride, splits):
     hidden, weight = hidden[:, :H], weight[:, :H]
     stats = _check_cu_against_oracle(emu_lib, hidden, weight, targets, 0.7, splits, 1e-5)
     if tk.available("cpu") and dtype != torch.bfloat16:
-        _, _, (stats_t,) = tk.forward(hidden, weight, targets, 0.7)
+        _, _, stats_t = tk.forward(hidden, weight, targets, 0.7)
         assert torch.allclose(stats, stats_t, rtol=1e-5, atol=1e-5)
 
 
@@ -736,5 +736,5 @@ def test_cu_forward_against_oracle(cu_lib, dtype, tol, N, H, V, hstride):
     stats = _check_cu_against_oracle(cu_lib, hidden, weight, targets, 0.7, splits, tol,
                                      torch.cuda.current_stream().cuda_stream)
     if tk.available("cuda"):
-        _, _, (stats_t,) = tk.forward(hidden, weight, targets, 0.7)
+        _, _, stats_t = tk.forward(hidden, weight, targets, 0.7)
         assert torch.allclose(stats, stats_t, rtol=1e-4, atol=1e-4)

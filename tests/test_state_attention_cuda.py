@@ -36,7 +36,7 @@ from mem1_fast.consolidation import pack
 from mem1_fast.ops import _cuda_state_attention, state_attention
 from mem1_fast.ops.state_attention import available_backends
 from mem1_fast.trajectory import Trajectory
-from mem1_fast.visibility import Visibility
+from mem1_fast.visibility import Visibility, block_map_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -390,8 +390,8 @@ def test_emulated_negative_control(emu):
     """The comparison has teeth: the same kernels fed a block map without its full tiles disagree with the oracle."""
     vis = _causal(150)
     bm = vis.block_map(BM, BN)
-    broken = Visibility(vis.lo, vis.hi)
-    broken._block_maps[(BM, BN)] = type(bm)(bm.BM, bm.BN, bm.T, bm.partial_ptr, bm.partial_idx,
+    broken = Visibility(vis.lo.clone(), vis.hi.clone())
+    block_map_cache(broken.lo, broken.hi)[(BM, BN)] = type(bm)(bm.BM, bm.BN, bm.T, bm.partial_ptr, bm.partial_idx,
                                              torch.zeros_like(bm.full_ptr), bm.full_idx[:0])
     assert bm.full_idx.numel() > 0
     res = emulate(emu, broken, 1, 1, 64, torch.float16, backward=False)

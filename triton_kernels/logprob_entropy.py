@@ -4,8 +4,8 @@ softmax(hidden @ weight.T / temperature), and their gradients, without ever hold
 Called by `mem1_fast.ops.logprob_entropy` through
 
     available(device) -> bool
-    forward(hidden, weight, targets, temperature) -> (logp fp32 [N], entropy fp32 [N], saved=(stats fp32 [3, N],))
-    backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight)
+    forward(hidden, weight, targets, temperature) -> (logp fp32 [N], entropy fp32 [N], stats fp32 [3, N])
+    backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight)
         -> (d_hidden | None, d_weight | None)        # in the input dtypes; g_logp / g_ent may be None
 
 and by `triton_kernels/ppo_loss.py` (the fused PPO loss reuses both passes).
@@ -142,6 +142,7 @@ CHUNK_BYTES = int(float(os.environ.get("MEM1_FAST_LOGPROB_TRITON_CHUNK_MB", "102
 CHUNK_AXIS = None  # None: automatic ("vocab" when N < V, else "row"); tests force "row" / "vocab"
 SPLIT_TARGET_PROGRAMS = 4  # forward: aim at this many programs per SM when choosing the vocabulary splits
 
+STATS_ROWS, FP64_OUT = 3, False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -417,9 +418,9 @@ def forward(hidden, weight, targets, temperature):
         return _forward(hidden, weight, targets, temperature)
 
 
-def backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight):
+def backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight):
     with _on_device(hidden.device):
-        return _backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight)
+        return _backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight)
 
 
 def _forward(hidden, weight, targets, temperature):
@@ -433,7 +434,7 @@ def _forward(hidden, weight, targets, temperature):
     ent = torch.empty(N, dtype=torch.float32, device=dev)
     stats = torch.empty(3, N, dtype=torch.float32, device=dev)
     if N == 0:
-        return logp, ent, (stats,)
+        return logp, ent, stats
     cd = _compute_dtype(hidden, weight)
     t = config_for(H, cd, N, V).fwd
     n_rb, n_vt = triton.cdiv(N, t.BLOCK_N), triton.cdiv(V, t.BLOCK_V)
@@ -445,7 +446,7 @@ def _forward(hidden, weight, targets, temperature):
                                   num_stages=t.num_stages)
     blk = 256
     _combine_kernel[(triton.cdiv(N, blk),)](part, logp, ent, stats, N, n_splits, blk, num_warps=4)
-    return logp, ent, (stats,)
+    return logp, ent, stats
 
 
 def chunk_bytes() -> int:
@@ -497,11 +498,10 @@ class _Accumulator:
         return c, (None if i == 0 else self.acc[lo:lo + n])
 
 
-def _backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight):
+def _backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight):
     _check(hidden, weight)
     if not (need_hidden or need_weight):
         return None, None
-    (stats,) = saved
     hidden, weight = _rowmajor(hidden), _rowmajor(weight)
     targets = targets.contiguous()
     N, H = hidden.shape

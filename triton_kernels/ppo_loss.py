@@ -74,10 +74,9 @@ def available(device) -> bool:
 
 
 def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
-            normalizer, token_weights=None):
-    need_h, need_w = hidden.requires_grad, weight.requires_grad
+            normalizer, token_weights=None, need_h=True, need_w=True):
     hidden, weight = hidden.detach(), weight.detach()
-    logp, ent, saved = le.forward(hidden, weight, targets, temperature)
+    logp, ent, stats = le.forward(hidden, weight, targets, temperature)
     N = logp.shape[0]
     dev = logp.device
     loss_rows = torch.empty(N, dtype=torch.float32, device=dev)
@@ -95,7 +94,7 @@ def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature
                                                   float(clip_eps), float(entropy_coef), float(kl_coef),
                                                   1.0 / float(normalizer), has_ref, has_w, blk, num_warps=4)
     loss = loss_rows.sum() / float(normalizer)
-    dh, dw = le.backward(gl, ge, hidden, weight, targets, temperature, saved, need_h, need_w)
+    dh, dw = le.backward(gl, ge, hidden, weight, targets, temperature, stats, need_h, need_w)
     if dh is None:
         dh = hidden.new_zeros(())
     if dw is None:

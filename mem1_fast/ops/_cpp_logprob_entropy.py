@@ -1,8 +1,8 @@
 """C++ CPU backend of logprob_entropy (csrc/cpu/logprob_entropy.cpp), called by ops/logprob_entropy.py.
 
     available(device) -> bool
-    forward(hidden, weight, targets, temperature) -> (logp [N], entropy [N], saved=(lse, E_p[z]))
-    backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight)
+    forward(hidden, weight, targets, temperature) -> (logp [N], entropy [N], stats = [lse; E_p[z]] [2, N])
+    backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight)
         -> (d_hidden | None, d_weight | None)
 
 Outputs are float32 (float64 when an input is float64), gradients come back in the input dtypes.
@@ -21,6 +21,7 @@ import torch
 
 from .. import _ext
 
+STATS_ROWS, FP64_OUT = 2, True
 TILE: tuple[int, int] = tuple(int(x) for x in os.environ.get("MEM1_FAST_LOGPROB_TILE", "0,0").split(","))
 
 
@@ -46,12 +47,12 @@ def isa(dtype: torch.dtype = torch.float32) -> str:
 def forward(hidden, weight, targets, temperature, tile: tuple[int, int] | None = None, isa: int = -1):
     rows, cols = TILE if tile is None else tile
     logp, ent, lse, ez = _ops().logprob_entropy_fwd(hidden, weight, targets, float(temperature), rows, cols, isa)
-    return logp, ent, (lse, ez)
+    return logp, ent, torch.stack((lse, ez))
 
 
-def backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight,
+def backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight,
              tile: tuple[int, int] | None = None, isa: int = -1):
-    lse, ez = saved
+    lse, ez = stats
     rows, cols = TILE if tile is None else tile
     dh, dw = _ops().logprob_entropy_bwd(g_logp, g_ent, hidden, weight, targets, lse, ez, float(temperature),
                                         bool(need_hidden), bool(need_weight), rows, cols, isa)

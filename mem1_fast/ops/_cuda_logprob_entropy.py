@@ -2,7 +2,7 @@
 mem1_fast._C_cuda, built on CUDA builds of torch), the backward of the Triton backend.
 
     available(device) -> bool
-    forward(hidden, weight, targets, temperature) -> (logp fp32 [N], entropy fp32 [N], saved=(stats fp32 [3, N],))
+    forward(hidden, weight, targets, temperature) -> (logp fp32 [N], entropy fp32 [N], stats fp32 [3, N])
     backward(...)  -- triton_kernels.logprob_entropy.backward, which reads the same statistics (m, logs, mean_d)
 
 Both inputs must share a dtype (fp16, bf16 or fp32; the CUDA kernels run fp16 / bf16 on tensor cores, fp32 as IEEE
@@ -14,6 +14,7 @@ import torch
 
 from .. import _ext
 
+STATS_ROWS, FP64_OUT = 3, False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -36,8 +37,8 @@ def forward(hidden, weight, targets, temperature):
     if not available(hidden.device):
         raise RuntimeError(f"cuda logprob_entropy: not available here ({_ext.cuda_error() or 'no CUDA device'})")
     logp, ent, stats = torch.ops.mem1_fast.logprob_entropy_cuda_fwd(hidden, weight, targets, float(temperature))
-    return logp, ent, (stats,)
+    return logp, ent, stats
 
 
-def backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight):
-    return _triton().backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight)
+def backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight):
+    return _triton().backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight)

@@ -47,6 +47,14 @@ class Backends:
                 pass
         return "reference"
 
+    def asked(self, backend: str | None) -> str:
+        """The backend asked for (keyword, then environment), validated; "" when none was (the op picks the
+        default when it runs: traced code must not probe extensions)."""
+        name = backend or os.environ.get(self.env, "")
+        if name and name not in self.modules:
+            raise ValueError(f"{self.op}: unknown backend {name!r}; known: {self.names}")
+        return name
+
     def pick(self, backend: str | None, x: torch.Tensor) -> str:
         """The backend asked for (keyword, then environment), else the default for x; validated."""
         name = backend or os.environ.get(self.env) or self.default(x)

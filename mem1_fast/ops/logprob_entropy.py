@@ -13,9 +13,10 @@ Backends (one file each, same function): "reference" (plain PyTorch below, chunk
 "cpp" (csrc/cpu/logprob_entropy.cpp via ops/_cpp_logprob_entropy.py), "triton" (triton_kernels/logprob_entropy.py),
 "cuda" (csrc/cuda/logprob_entropy.cu via ops/_cuda_logprob_entropy.py). A backend module implements
     available(device) -> bool
-    forward(hidden, weight, targets, temperature) -> (logp fp32 [N], entropy fp32 [N], saved: tuple of tensors)
-    backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_hidden, need_weight)
+    forward(hidden, weight, targets, temperature) -> (logp fp32 [N], entropy fp32 [N], stats [STATS_ROWS, N])
+    backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight)
         -> (d_hidden | None, d_weight | None)          # g_logp / g_ent may be None (output unused)
+    STATS_ROWS: int;  FP64_OUT: bool (outputs and stats are float64 when an input is)
 `backend=None` picks the best available for the device; `MEM1_FAST_LOGPROB_BACKEND` overrides it.
 """
 from __future__ import annotations
@@ -31,24 +32,67 @@ VOCAB_CHUNK = 8192
 def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(hidden, weight, targets, temperature)
-    impl = _backends.module(_backends.pick(backend, hidden))
-    return _LogprobEntropy.apply(hidden, weight, targets.long(), float(temperature), impl)
+    logp, ent, _ = torch.ops.mem1_fast.logprob_entropy(hidden, weight, targets.long(), float(temperature),
+                                                       _backends.asked(backend))
+    return logp, ent
 
 
-class _LogprobEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, impl):
-        logp, ent, saved = impl.forward(hidden, weight, targets, temperature)
-        ctx.save_for_backward(hidden, weight, targets, *saved)
-        ctx.temperature, ctx.impl = temperature, impl
-        return logp, ent
+# --- the registered op: one schema, CPU and CUDA implementations, a fake kernel, autograd ---------------------------
+# backend "" means the default for the tensors' device and dtype, resolved when the op runs (not when it is traced).
+# `stats` is what the backend's backward reads: float32 [STATS_ROWS, N] (float64 for float64 inputs on the
+# reference and C++ backends), its rows the backend's own business.
+def _impl(hidden, backend):
+    return _backends.module(backend or _backends.default(hidden))
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, targets, *saved = ctx.saved_tensors
-        dh, dw = ctx.impl.backward(g_logp, g_ent, hidden, weight, targets, ctx.temperature,
-                                                   tuple(saved), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, dw, None, None, None
+
+@torch.library.custom_op("mem1_fast::logprob_entropy", mutates_args=(), device_types=("cpu", "cuda"))
+def _op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_ids(targets, weight.shape[0])
+    return _impl(hidden, backend).forward(hidden, weight, targets, temperature)
+
+
+@_op.register_fake
+def _(hidden, weight, targets, temperature, backend):
+    impl = _impl(hidden, backend)
+    out = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) and impl.FP64_OUT else torch.float32
+    N = hidden.shape[0]
+    return hidden.new_empty(N, dtype=out), hidden.new_empty(N, dtype=out), hidden.new_empty((impl.STATS_ROWS, N),
+                                                                                            dtype=out)
+
+
+@torch.library.custom_op("mem1_fast::logprob_entropy_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _backward_op(g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor,
+                 targets: torch.Tensor, stats: torch.Tensor, temperature: float, backend: str, need_hidden: bool,
+                 need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dh, dw = _impl(hidden, backend).backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden,
+                                             need_weight)
+    # an op returns tensors, never None: an empty tensor stands for a gradient not asked for
+    return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
+
+
+@_backward_op.register_fake
+def _(g_logp, g_ent, hidden, weight, targets, stats, temperature, backend, need_hidden, need_weight):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, temperature, backend = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[2])
+    ctx.temperature, ctx.backend = temperature, backend
+    ctx.mark_non_differentiable(output[2])
+
+
+def _autograd_backward(ctx, g_logp, g_ent, _g_stats):
+    hidden, weight, targets, stats = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dh, dw = torch.ops.mem1_fast.logprob_entropy_backward(g_logp, g_ent, hidden, weight, targets, stats,
+                                                          ctx.temperature, ctx.backend, need_h, need_w)
+    return (dh if need_h else None), (dw if need_w else None), None, None, None
+
+
+_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _check_inputs(hidden, weight, targets, temperature):
@@ -59,17 +103,21 @@ def _check_inputs(hidden, weight, targets, temperature):
         raise ValueError(f"logprob_entropy: targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"logprob_entropy: targets must be integer ids, got {targets.dtype}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"logprob_entropy: target ids must lie in [0, {weight.shape[0]}), got range "
-                         f"[{int(targets.min())}, {int(targets.max())}]")
     if not temperature > 0:
         raise ValueError(f"logprob_entropy: temperature must be > 0, got {temperature}")
     if hidden.device != weight.device or targets.device != hidden.device:
         raise ValueError("logprob_entropy: hidden, weight and targets must be on one device")
 
 
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _check_ids(targets, V):
+    """Value check, run by the op itself (inside compiled code a data-dependent check would break the graph)."""
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= V):
+        raise ValueError(f"logprob_entropy: target ids must lie in [0, {V}), got range "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
+
+
+def _acc_dtype(*xs):
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def _row_stats(h, weight, temperature, vchunk=VOCAB_CHUNK):
@@ -92,7 +140,7 @@ def _row_stats(h, weight, temperature, vchunk=VOCAB_CHUNK):
 
 # --- the reference backend --------------------------------------------------------------------------------------
 def reference_forward(hidden, weight, targets, temperature):
-    acc = _acc_dtype(hidden)
+    acc = _acc_dtype(hidden, weight)
     N = hidden.shape[0]
     logp, ent, lse, ez = (torch.empty(N, dtype=acc, device=hidden.device) for _ in range(4))
     for r0 in range(0, N, ROW_CHUNK):
@@ -103,14 +151,13 @@ def reference_forward(hidden, weight, targets, temperature):
         ez[r] = sz / s  # E_p[z]
         logp[r] = (h * weight[targets[r]].to(acc)).sum(1) / temperature - lse[r]
         ent[r] = lse[r] - ez[r]
-    out = torch.float64 if acc == torch.float64 else torch.float32
-    return logp.to(out), ent.to(out), (lse, ez)
+    return logp, ent, torch.stack((lse, ez))
 
 
-def reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, saved, need_h, need_w):
-    lse, ez = saved
+def reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_h, need_w):
+    lse, ez = stats
     tau = temperature
-    acc = _acc_dtype(hidden)
+    acc = _acc_dtype(hidden, weight)
     N = hidden.shape[0]
     zeros = lambda: torch.zeros(N, dtype=acc, device=hidden.device)  # noqa: E731
     g_logp = zeros() if g_logp is None else g_logp.to(acc)
@@ -140,6 +187,7 @@ def reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, save
 
 
 class _Reference:
+    STATS_ROWS, FP64_OUT = 2, True
     available = staticmethod(lambda device: True)
     forward = staticmethod(reference_forward)
     backward = staticmethod(reference_backward)

@@ -19,14 +19,16 @@ op followed by the formula in autograd — the definition the fused backends mus
 module implements
     available(device) -> bool
     forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
-            normalizer, token_weights) -> (loss fp32 scalar, logp fp32 [N], entropy fp32 [N], d_hidden, d_weight)
+            normalizer, token_weights, need_hidden, need_weight)
+        -> (loss fp32 scalar, logp fp32 [N], entropy fp32 [N], d_hidden, d_weight)   # 0-dim when not needed
 """
 from __future__ import annotations
 
 import torch
 
 from ._dispatch import Backends
-from .logprob_entropy import _check_inputs, logprob_entropy
+from .logprob_entropy import _check_ids, _check_inputs, logprob_entropy, reference_backward, reference_forward
+
 
 def ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp=None, temperature: float = 1.0,
              clip_eps: float = 0.2, entropy_coef: float = 0.0, kl_coef: float = 0.0, normalizer: float | None = None,
@@ -44,18 +46,27 @@ def ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp=None, tempe
     normalizer = float(N if normalizer is None else normalizer)
     if not normalizer > 0:
         raise ValueError(f"ppo_loss: normalizer must be > 0, got {normalizer}")
-    backend = _backends.pick(backend, hidden)
     args = (targets.long(), old_logp.float(), advantages.float(), None if ref_logp is None else ref_logp.float(),
             float(temperature), float(clip_eps), float(entropy_coef), float(kl_coef), normalizer,
             None if token_weights is None else token_weights.float().contiguous())
+    backend = _backends.asked(backend)
     if backend == "reference":
         return reference_ppo_loss(hidden, weight, *args)
-    return _FusedPPOLoss.apply(hidden, weight, _backends.module(backend), *args)
+    loss, logp, ent, _, _ = torch.ops.mem1_fast.ppo_loss(hidden, weight, *args, hidden.requires_grad,
+                                                         weight.requires_grad, backend)
+    return loss, logp, ent
 
 
 def reference_ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef,
                        kl_coef, normalizer, token_weights=None):
     logp, ent = logprob_entropy(hidden, weight, targets, temperature)
+    loss = _loss_of(logp, ent, old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef, normalizer,
+                    token_weights)
+    return loss, logp.detach(), ent.detach()
+
+
+def _loss_of(logp, ent, old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef, normalizer, token_weights):
+    """The loss from per-token log-probs and entropies (the formula of the module docstring)."""
     ratio = torch.exp(logp - old_logp)
     tok = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
     tok = tok - entropy_coef * ent
@@ -64,27 +75,86 @@ def reference_ppo_loss(hidden, weight, targets, old_logp, advantages, ref_logp, 
         tok = tok + kl_coef * (torch.exp(d) - d - 1)
     if token_weights is not None:
         tok = tok * token_weights
-    return tok.sum() / normalizer, logp.detach(), ent.detach()
+    return tok.sum() / normalizer
 
 
-class _FusedPPOLoss(torch.autograd.Function):
-    """The gradients are computed in the forward pass; backward scales them by the upstream gradient."""
+def _loss_grads(logp, old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef, normalizer, token_weights):
+    """d loss / d logp and d loss / d entropy per token. The clipped branch has zero slope where it is the larger
+    (r outside the clip range), and equals the unclipped one where they tie, so the slope is -A r where the
+    unclipped branch is the max."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    g_logp = torch.where(unclipped >= -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps), unclipped, 0.0)
+    if kl_coef:
+        g_logp = g_logp + kl_coef * (1 - torch.exp(ref_logp - logp))
+    w = torch.ones_like(logp) if token_weights is None else token_weights
+    return g_logp * w / normalizer, -entropy_coef * w / normalizer
 
-    @staticmethod
-    def forward(ctx, hidden, weight, impl, *args):
-        loss, logp, ent, dh, dw = impl.forward(hidden, weight, *args)
-        ctx.save_for_backward(dh, dw)
-        ctx.mark_non_differentiable(logp, ent)
-        return loss, logp, ent
 
-    @staticmethod
-    def backward(ctx, g_loss, _g_logp, _g_ent):
-        dh, dw = ctx.saved_tensors
-        # The usual loss.backward() passes 1: hand the gradients over as they are. Scaling them would allocate a
-        # second d_weight ([V, H]) for nothing. Not in place, so a retained graph can run backward again.
-        if not bool(g_loss == 1):
-            dh, dw = (dh * g_loss).to(dh.dtype), (dw * g_loss).to(dw.dtype)
-        return dh, dw, None, *([None] * 10)
+# --- the registered op: one schema, CPU and CUDA implementations, a fake kernel, autograd ---------------------------
+# backend "" means the default for the tensors' device and dtype, resolved when the op runs; a default that falls to
+# the reference runs it without autograd and returns its gradients, like a fused backend.
+@torch.library.custom_op("mem1_fast::ppo_loss", mutates_args=(), device_types=("cpu", "cuda"))
+def _op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
+        advantages: torch.Tensor, ref_logp: torch.Tensor | None, temperature: float, clip_eps: float,
+        entropy_coef: float, kl_coef: float, normalizer: float, token_weights: torch.Tensor | None,
+        need_hidden: bool, need_weight: bool, backend: str
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_ids(targets, weight.shape[0])
+    args = (targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef, normalizer,
+            token_weights)
+    name = backend or _backends.default(hidden)
+    if name == "reference":  # the generic op's reference, then the formula's derivatives in logp and entropy
+        logp, ent, stats = reference_forward(hidden, weight, targets, temperature)
+        logp, ent = logp.float(), ent.float()
+        loss = _loss_of(logp, ent, old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef, normalizer,
+                        token_weights)
+        g_logp, g_ent = _loss_grads(logp, old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef,
+                                    normalizer, token_weights)
+        dh, dw = reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden,
+                                    need_weight)
+        return (loss, logp, ent, hidden.new_zeros(()) if dh is None else dh,
+                weight.new_zeros(()) if dw is None else dw)
+    return _backends.module(name).forward(hidden, weight, *args, need_hidden, need_weight)
+
+
+@_op.register_fake
+def _(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
+      normalizer, token_weights, need_hidden, need_weight, backend):
+    N = hidden.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32), hidden.new_empty(N, **f32), hidden.new_empty(N, **f32),
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(()),
+            torch.empty_like(weight) if need_weight else weight.new_empty(()))
+
+
+@torch.library.custom_op("mem1_fast::ppo_loss_scale_grads", mutates_args=())
+def _scale_op(g_loss: torch.Tensor, d_hidden: torch.Tensor, d_weight: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    return (d_hidden * g_loss).to(d_hidden.dtype), (d_weight * g_loss).to(d_weight.dtype)
+
+
+@_scale_op.register_fake
+def _(g_loss, d_hidden, d_weight):
+    return torch.empty_like(d_hidden), torch.empty_like(d_weight)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[3], output[4])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _autograd_backward(ctx, g_loss, *_):
+    """The gradients were computed in the forward pass; scale them by the upstream gradient."""
+    dh, dw = ctx.saved_tensors
+    # The usual loss.backward() passes 1: eager code hands the gradients over as they are (scaling them would
+    # allocate a second d_weight [V, H] for nothing); a compiled graph cannot branch on a value, so it scales.
+    if torch.compiler.is_compiling() or not bool(g_loss == 1):
+        dh, dw = torch.ops.mem1_fast.ppo_loss_scale_grads(g_loss, dh, dw)
+    return (dh if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), *([None] * 13)
+
+
+_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 class _Reference:  # the generic op followed by the formula, in autograd (reference_ppo_loss)

@@ -35,32 +35,72 @@ def state_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
                     deterministic: bool = False):
     _check_inputs(q, k, v, visibility)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _backends.pick(backend, q)
-    if backend == "reference":
+    backend = _backends.asked(backend)
+    if backend == "reference":  # plain PyTorch, differentiated by autograd
         out, lse = state_attention_reference(q, k, v, visibility, scale)
     else:
-        out, lse = _StateAttention.apply(q, k, v, visibility, scale, _backends.module(backend), deterministic)
+        out, lse = torch.ops.mem1_fast.state_attention(q, k, v, visibility.lo, visibility.hi, scale, backend,
+                                                       deterministic)
     return (out, lse) if return_lse else out
 
 
-class _StateAttention(torch.autograd.Function):
-    """Saves q, k, v, out and the LSE; the block map is cached on the Visibility, not recomputed."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, vis, scale, impl, deterministic):
-        BM, BN = impl.tile_sizes(q)
-        out, lse = impl.forward(q, k, v, vis, scale, BM, BN)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.vis, ctx.scale, ctx.impl, ctx.det, ctx.tiles = vis, scale, impl, deterministic, (BM, BN)
-        ctx.mark_non_differentiable(lse)
+# --- the registered op: one schema, CPU and CUDA implementations, a fake kernel, autograd ---------------------------
+# backend "" means the default for the tensors' device and dtype, resolved when the op runs (not when it is traced).
+# The visibility crosses the op boundary as its two tensors; the block maps are cached on them (visibility.py).
+@torch.library.custom_op("mem1_fast::state_attention", mutates_args=(), device_types=("cpu", "cuda"))
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float,
+        backend: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    name = backend or _backends.default(q)
+    vis = Visibility(lo, hi)
+    if name == "reference":
+        out, lse = state_attention_reference(q, k, v, vis, scale)
         return out, lse
+    impl = _backends.module(name)
+    BM, BN = impl.tile_sizes(q)
+    return impl.forward(q, k, v, vis, scale, BM, BN)
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.impl.backward(dout.contiguous(), q, k, v, out, lse, ctx.vis, ctx.scale, *ctx.tiles,
-                                       ctx.det)
-        return dq, dk, dv, None, None, None, None
+
+@_op.register_fake
+def _(q, k, v, lo, hi, scale, backend, deterministic):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mem1_fast::state_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float, backend: str,
+                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = backend or _backends.default(q)
+    vis = Visibility(lo, hi)
+    if name == "reference":  # the default fell to the reference (no kernel for this device / dtype); autograd does
+        # not record inside an op, torch.func differentiates it
+        _, vjp = torch.func.vjp(lambda q, k, v: state_attention_reference(q, k, v, vis, scale)[0], q, k, v)
+        return vjp(dout)
+    impl = _backends.module(name)
+    BM, BN = impl.tile_sizes(q)
+    return impl.backward(dout.contiguous(), q, k, v, out, lse, vis, scale, BM, BN, deterministic)
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, lo, hi, scale, backend, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lo, hi, scale, backend, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, lo, hi)
+    ctx.scale, ctx.backend, ctx.deterministic = scale, backend, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, lo, hi = ctx.saved_tensors
+    dq, dk, dv = torch.ops.mem1_fast.state_attention_backward(dout, q, k, v, out, lse, lo, hi, ctx.scale,
+                                                              ctx.backend, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, vis):
