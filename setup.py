@@ -3,18 +3,19 @@
     pip install --no-build-isolation -e ".[test]"   # editable; builds the C++ extension mem1_fast._C
     python setup.py build_ext --inplace              # (re)build mem1_fast._C next to the sources
 
-The C++ extension (csrc/cpu/*.cpp + csrc/bindings.cpp) is built only when torch is importable at build time, hence
+The C++ extension (the `cpu` sources of csrc/sources.txt) is built only when torch is importable at build time, hence
 --no-build-isolation (an isolated build would resolve its own torch). Otherwise it is skipped with a warning and
 mem1_fast._ext.load() JIT-compiles the same sources on first use. MAX_JOBS bounds the parallel compile jobs.
 The top-level folder triton_kernels/ is installed as mem1_fast.triton_kernels (a PyPI package named
 triton_kernels exists; ours must not collide with it).
 
 On a CUDA build of torch (torch.version.cuda set) with nvcc found (CUDA_HOME / PATH), a second extension
-mem1_fast._C_cuda is built too: csrc/cuda/{state_attention,logprob_entropy}.cu + csrc/cuda/bindings_cuda.cpp, for sm_80 and sm_90a
-(plus compute_80 PTX for newer GPUs); MEM1_FAST_CUDA_ARCHS="80;90a;100a" overrides the list, MEM1_FAST_NO_CUDA=1
+mem1_fast._C_cuda is built too from the `cuda` sources of csrc/sources.txt, for its `arch` list (sm_80, sm_90a,
+plus compute_80 PTX for newer GPUs); MEM1_FAST_CUDA_ARCHS="80;90a;100a" overrides the list, MEM1_FAST_NO_CUDA=1
 skips it. Without it, the "cuda" backends of state_attention and logprob_entropy are unavailable.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -61,9 +62,19 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     return pkgs + tk, {"mem1_fast.triton_kernels": "triton_kernels"}
 
 
-# Same flags as mem1_fast/_ext.py (the JIT path); kept literal here so setup.py never imports the package.
-CXX_FLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]
-LD_FLAGS = ["-fopenmp"]
+def _ext_module():
+    """mem1_fast/_ext.py loaded on its own (it needs only the standard library at import): the JIT loader's flags
+    and its reader of csrc/sources.txt, the one list of native sources and architectures, without importing the
+    package (torch may be absent at build time)."""
+    spec = importlib.util.spec_from_file_location("_mem1_fast_ext", ROOT / "mem1_fast" / "_ext.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_EXT = _ext_module()
+SOURCES = _EXT.source_list(ROOT)
+CXX_FLAGS, LD_FLAGS = _EXT.CXX_FLAGS, _EXT.LD_FLAGS
 
 
 def _ext_modules() -> tuple[list, dict]:
@@ -77,11 +88,9 @@ def _ext_modules() -> tuple[list, dict]:
             file=sys.stderr,
         )
         return [], {}
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
-    sources.append("csrc/bindings.cpp")
     ext = CppExtension(
         name="mem1_fast._C",
-        sources=sources,
+        sources=SOURCES["cpu"],
         include_dirs=[str(ROOT / "csrc" / "include")],
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=LD_FLAGS,
@@ -90,12 +99,9 @@ def _ext_modules() -> tuple[list, dict]:
 
 
 # --- CUDA extension (CUDA builds of torch only) -------------------------------------------------------------------
-CUDA_SOURCES = ["csrc/cuda/state_attention.cu", "csrc/cuda/logprob_entropy.cu", "csrc/cuda/bindings_cuda.cpp"]
-CUDA_ARCHS_DEFAULT = "80;90a"
-
-
 def _cuda_gencode() -> list[str]:
-    archs = [a.strip() for a in os.environ.get("MEM1_FAST_CUDA_ARCHS", CUDA_ARCHS_DEFAULT).split(";") if a.strip()]
+    default = ";".join(SOURCES["arch"])
+    archs = [a.strip() for a in os.environ.get("MEM1_FAST_CUDA_ARCHS", default).split(";") if a.strip()]
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     lowest = min(archs, key=lambda a: int(re.sub(r"\D", "", a)))
     flags.append(f"-gencode=arch=compute_{lowest},code=compute_{lowest}")  # PTX, JIT-compiled on newer GPUs
@@ -123,7 +129,7 @@ def _cuda_ext_modules() -> list:
     return [
         cpp_extension.CUDAExtension(
             name="mem1_fast._C_cuda",
-            sources=CUDA_SOURCES,
+            sources=SOURCES["cuda"],
             include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "cuda")],
             extra_compile_args={"cxx": ["-O3", "-DNDEBUG"], "nvcc": ["-O3", "-DNDEBUG", *_cuda_gencode()]},
         )

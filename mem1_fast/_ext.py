@@ -9,7 +9,8 @@ Set ``MEM1_FAST_FORCE_JIT=1`` to skip ``mem1_fast._C``.
 ``load_cuda()`` imports ``mem1_fast._C_cuda`` (built by setup.py on CUDA builds of torch only) and says whether it
 registered its ops; ``cuda_error()`` says why not.
 
-``cuda_sources()`` lists ``csrc/cuda/*.cu``; ``nvcc_compile(src, arch)`` compiles one of them with nvcc (no GPU
+``source_list()`` reads ``csrc/sources.txt``, the one list of native sources and CUDA architectures (setup.py and
+CMakeLists.txt read it too); ``cpu_sources()`` / ``cuda_sources()`` / ``cuda_archs()`` are its parts; ``nvcc_compile(src, arch)`` compiles one of them with nvcc (no GPU
 needed) and returns ptxas' per-kernel register / spill / shared-memory figures.
 """
 
@@ -36,6 +37,8 @@ __all__ = [
     "csrc_dir",
     "cpu_sources",
     "cuda_sources",
+    "cuda_archs",
+    "source_list",
     "find_nvcc",
     "nvcc_compile",
     "parse_ptxas",
@@ -68,15 +71,36 @@ def csrc_dir() -> Path:
     return d
 
 
+def source_list(root: Path | None = None) -> dict[str, list[str]]:
+    """``csrc/sources.txt``, the one list of native sources and CUDA architectures (setup.py and CMakeLists.txt read
+    it too): {"cpu": [path, ...], "cuda": [...], "arch": ["80", "90a"]}, paths relative to the repository root."""
+    root = csrc_dir().parent if root is None else root
+    out: dict[str, list[str]] = {"cpu": [], "cuda": [], "arch": []}
+    for n, line in enumerate((root / "csrc" / "sources.txt").read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            kind, _, value = line.partition(" ")
+            if kind not in out or not value.strip():
+                raise RuntimeError(f"csrc/sources.txt:{n}: expected 'cpu|cuda|arch <value>', got {line!r}")
+            out[kind].append(value.strip())
+    return out
+
+
 def cpu_sources() -> list[Path]:
-    """Sources of the CPU extension: ``csrc/cpu/*.cpp`` plus ``csrc/bindings.cpp``."""
-    d = csrc_dir()
-    return sorted((d / "cpu").glob("*.cpp")) + [d / "bindings.cpp"]
+    """Sources of the CPU extension (``cpu`` lines of csrc/sources.txt)."""
+    root = csrc_dir().parent
+    return [root / p for p in source_list(root)["cpu"]]
 
 
 def cuda_sources() -> list[Path]:
-    """Every ``.cu`` file under ``csrc/cuda`` (compile-checked with nvcc; not part of the CPU extension)."""
-    return sorted((csrc_dir() / "cuda").rglob("*.cu"))
+    """The ``.cu`` sources of the CUDA extension (``cuda`` lines of csrc/sources.txt; compile-checked with nvcc)."""
+    root = csrc_dir().parent
+    return [root / p for p in source_list(root)["cuda"] if p.endswith(".cu")]
+
+
+def cuda_archs() -> list[str]:
+    """The CUDA architectures compiled for, as ptxas names them ("sm_80", "sm_90a")."""
+    return ["sm_" + a for a in source_list()["arch"]]
 
 
 def _build_dir() -> Path:

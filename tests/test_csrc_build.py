@@ -21,9 +21,9 @@ import pytest
 
 from mem1_fast import _ext
 
-ARCHS = ["sm_80", "sm_90a"]
 NVCC = _ext.find_nvcc()
 ROOT = Path(__file__).resolve().parent.parent
+ARCHS = _ext.cuda_archs() if (ROOT / "csrc" / "sources.txt").is_file() else []
 
 try:
     CU_SOURCES = _ext.cuda_sources()
@@ -40,6 +40,25 @@ def test_cuda_sources_found():
         assert "#include <torch" not in text and "#include <ATen" not in text and "#include <c10" not in text, (
             f"{src}: .cu files must not include torch headers (a CUDAExtension cannot link the CPU torch)"
         )
+
+
+def test_source_list_names_every_native_source_once():
+    """csrc/sources.txt is the one list (setup.py, CMake, the JIT loader and these tests read it): every .cpp / .cu
+    of csrc/ is on it, once, and every entry exists -- a source compiled by one build path and not another (the
+    drift of a per-tool list) cannot happen. Negative control: a stray file is caught."""
+    if not (ROOT / "csrc" / "sources.txt").is_file():
+        pytest.skip("no csrc/ in this checkout")
+    lst = _ext.source_list(ROOT)
+    listed = lst["cpu"] + lst["cuda"]
+    assert len(listed) == len(set(listed)) and all((ROOT / p).is_file() for p in listed)
+    on_disk = sorted(str(p.relative_to(ROOT)) for ext in ("*.cpp", "*.cu") for p in (ROOT / "csrc").rglob(ext))
+    assert sorted(listed) == on_disk
+    assert "csrc/cuda/block_map.cu" not in on_disk and ARCHS == ["sm_80", "sm_90a"]
+    assert sorted(listed + ["csrc/cuda/stray.cu"]) != on_disk
+    setup_text = (ROOT / "setup.py").read_text()
+    assert "source_list(ROOT)" in setup_text and "glob(" not in setup_text
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert "csrc/sources.txt" in cmake and "GLOB" not in cmake
 
 
 def test_parse_ptxas_sample():

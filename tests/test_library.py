@@ -203,3 +203,26 @@ def test_ops_fall_back_to_the_reference_inside_the_op(monkeypatch):
     g = torch.autograd.grad(ppo_loss(h, w, t, old, adv, entropy_coef=0.1)[0], (h, w))
     g_ref = torch.autograd.grad(ppo_loss(h, w, t, old, adv, entropy_coef=0.1, backend="reference")[0], (h, w))
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(g, g_ref))
+
+
+def test_dtensor_inputs_get_an_error_that_says_what_to_pass(tmp_path):
+    """A DTensor (here on a 1-rank gloo mesh) is refused with a message naming `.to_local()` / `.full_tensor()`;
+    its local tensor works and equals the plain call."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        h, w, t = torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 20, (6,))
+        wd = distribute_tensor(w, mesh, [Shard(0)])
+        with pytest.raises(TypeError, match=r"weight is a DTensor.*full_tensor\(\)"):
+            logprob_entropy(h, wd, t)
+        got = logprob_entropy(h, wd.full_tensor(), t)
+        want = logprob_entropy(h, w, t)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        dist.destroy_process_group()

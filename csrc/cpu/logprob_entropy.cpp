@@ -34,17 +34,12 @@
 // tile (each tile is final after its row blocks), the fused op needs a [V, H] fp32 accumulator for an fp16/bf16
 // weight (every chunk adds to all of it).
 //
-// Elementwise row kernels: the body at the bottom of this file is included once per ISA (generic, AVX2+FMA,
-// AVX-512) under `#pragma GCC target`, as in state_attention.cpp; exp is a Cephes exp2 polynomial (rel. err ~1e-7).
+// Elementwise row kernels: logprob_entropy_body.h is included once per ISA (generic, AVX2+FMA,
+// AVX-512) under `#pragma GCC target`, as in state_attention.cpp; on the vector layer of csrc/include/mem1_fast/simd.h.
 // The ISA follows torch's own choice (at::get_cpu_capability()) capped by the CPU; the ops take `isa` (-1 auto,
 // 0 generic, 1 avx2, 2 avx512) so tests can run every body. Every row is reduced by one thread in a fixed order;
 // the GEMMs are BLAS's (MKL may change its summation order with the thread count).
-#ifndef MEM1_LPE_BODY
-#define MEM1_LPE_BODY 1
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "mem1_fast/simd.h"  // first: it silences a GCC warning before any header
 
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -62,19 +57,6 @@
 #include <string>
 #include <tuple>
 #include <vector>
-
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define MEM1_LPE_X86 1
-#include <immintrin.h>
-#else
-#define MEM1_LPE_X86 0
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define MEM1_LPE_INLINE inline __attribute__((always_inline))
-#else
-#define MEM1_LPE_INLINE inline
-#endif
 
 namespace mem1_fast {
 namespace lpe {
@@ -131,171 +113,45 @@ RowFns<T> fns() {
 
 }  // namespace generic
 
-#if MEM1_LPE_X86
-#if defined(__clang__)
-#define MEM1_LPE_TARGET_PUSH_AVX2 \
-  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c\"))), apply_to = function)")
-#define MEM1_LPE_TARGET_PUSH_AVX512                                                                          \
-  _Pragma(                                                                                                   \
-      "clang attribute push(__attribute__((target(\"avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c\"))), " \
-      "apply_to = function)")
-#define MEM1_LPE_TARGET_POP _Pragma("clang attribute pop")
-#else
-#define MEM1_LPE_TARGET_PUSH_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
-#define MEM1_LPE_TARGET_PUSH_AVX512 \
-  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c\")")
-#define MEM1_LPE_TARGET_POP _Pragma("GCC pop_options")
-#endif
-
+#if MEM1_X86
 // ----- AVX2 + FMA body ---------------------------------------------------------------------------------------------
-MEM1_LPE_TARGET_PUSH_AVX2
+MEM1_TARGET_PUSH_AVX2
 namespace avx2 {
-struct VF {
-  using reg = __m256;
-  static constexpr int W = 8;
-  static MEM1_LPE_INLINE reg set1(float x) { return _mm256_set1_ps(x); }
-  static MEM1_LPE_INLINE reg zero() { return _mm256_setzero_ps(); }
-  static MEM1_LPE_INLINE reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static MEM1_LPE_INLINE void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
-  static MEM1_LPE_INLINE reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static MEM1_LPE_INLINE reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
-  static MEM1_LPE_INLINE reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
-  static MEM1_LPE_INLINE reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static MEM1_LPE_INLINE reg fmsub(reg a, reg b, reg c) { return _mm256_fmsub_ps(a, b, c); }
-  static MEM1_LPE_INLINE reg max(reg a, reg b) { return _mm256_max_ps(b, a); }
-  static MEM1_LPE_INLINE float hsum(reg a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  static MEM1_LPE_INLINE float hmax(reg a) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  // 2^x: round-to-nearest split, Cephes exp2f polynomial on [-0.5, 0.5], exponent by bits; x < -126 gives 0.
-  static MEM1_LPE_INLINE reg exp2(reg x) {
-    reg xc = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
-    xc = _mm256_min_ps(_mm256_set1_ps(127.f), xc);
-    const reg n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const reg f = _mm256_sub_ps(xc, n);
-    reg p = _mm256_set1_ps(1.535336188319500e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const reg r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    return _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_LT_OQ));
-  }
-};
+using VF = simd::Avx2F32;
 #define MEM1_LPE_ISA_NAME "avx2"
-#include "logprob_entropy.cpp"
+#include "logprob_entropy_body.h"
 #undef MEM1_LPE_ISA_NAME
 }  // namespace avx2
-MEM1_LPE_TARGET_POP
+MEM1_TARGET_POP
 
 // ----- AVX-512 body -------------------------------------------------------------------------------------------------
-MEM1_LPE_TARGET_PUSH_AVX512
+MEM1_TARGET_PUSH_AVX512
 namespace avx512 {
-struct VF {
-  using reg = __m512;
-  static constexpr int W = 16;
-  static MEM1_LPE_INLINE reg set1(float x) { return _mm512_set1_ps(x); }
-  static MEM1_LPE_INLINE reg zero() { return _mm512_setzero_ps(); }
-  static MEM1_LPE_INLINE reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static MEM1_LPE_INLINE void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
-  static MEM1_LPE_INLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static MEM1_LPE_INLINE reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  static MEM1_LPE_INLINE reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
-  static MEM1_LPE_INLINE reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static MEM1_LPE_INLINE reg fmsub(reg a, reg b, reg c) { return _mm512_fmsub_ps(a, b, c); }
-  static MEM1_LPE_INLINE reg max(reg a, reg b) { return _mm512_max_ps(b, a); }
-  static MEM1_LPE_INLINE float hsum(reg a) {  // (not _mm512_reduce_add_ps: GCC 12 warns inside it)
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  static MEM1_LPE_INLINE float hmax(reg a) {
-    const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(a),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  // 2^x = p(f) * 2^n (scalef); x < -126 gives exactly 0 (no subnormal results: they are slow and negligible).
-  static MEM1_LPE_INLINE reg exp2(reg x) {
-    reg xc = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
-    xc = _mm512_min_ps(_mm512_set1_ps(127.f), xc);
-    const reg n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const reg f = _mm512_sub_ps(xc, n);
-    reg p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_LT_OQ);
-    return _mm512_mask_blend_ps(tiny, _mm512_scalef_ps(p, n), _mm512_setzero_ps());
-  }
-};
+using VF = simd::Avx512F32;
 #define MEM1_LPE_ISA_NAME "avx512"
-#include "logprob_entropy.cpp"
+#include "logprob_entropy_body.h"
 #undef MEM1_LPE_ISA_NAME
 }  // namespace avx512
-MEM1_LPE_TARGET_POP
-#endif  // MEM1_LPE_X86
+MEM1_TARGET_POP
+#endif  // MEM1_X86
 
 // =================================================================================================================
 // Host side: checks, ISA choice, the chunk driver, torch ops.
 // =================================================================================================================
 namespace {
 
-enum Isa : int64_t { kIsaAuto = -1, kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
-
-int64_t best_isa() {
-#if MEM1_LPE_X86
-  static const int64_t best = [] {
-    const std::string cap = at::get_cpu_capability();  // torch's own choice (ATEN_CPU_CAPABILITY)
-    const bool fma = __builtin_cpu_supports("fma");
-    if (cap == "AVX512" && fma && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-      return int64_t(kIsaAvx512);
-    }
-    if ((cap == "AVX512" || cap == "AVX2") && fma && __builtin_cpu_supports("avx2")) return int64_t(kIsaAvx2);
-    return int64_t(kIsaGeneric);
-  }();
-  return best;
-#else
-  return kIsaGeneric;
-#endif
-}
-
-int64_t pick_isa(int64_t requested, const char* op) {
-  const int64_t best = best_isa();
-  if (requested < 0) return best;
-  TORCH_CHECK(requested <= kIsaAvx512, op, ": isa must be -1 (auto), 0 (generic), 1 (avx2) or 2 (avx512), got ",
-              requested);
-  TORCH_CHECK(requested <= best, op, ": isa=", requested, " is not available on this CPU / torch build (best: ", best,
-              ")");
-  return requested;
-}
+using simd::best_isa;
+using simd::kIsaAvx2;
+using simd::kIsaAvx512;
+using simd::kIsaGeneric;
+using simd::pick_isa;
 
 template <class T>
 RowFns<T> row_fns(int64_t isa);
 
 template <>
 RowFns<float> row_fns<float>(int64_t isa) {
-#if MEM1_LPE_X86
+#if MEM1_X86
   if (isa == kIsaAvx512) return avx512::fns();
   if (isa == kIsaAvx2) return avx2::fns();
 #endif
@@ -331,7 +187,7 @@ struct PPO {
   T* loss_rows = nullptr;  // [N], per-token weighted loss (before 1/normalizer)
 
   // w_t loss_t and (dloss/dlogp, dloss/dentropy), both already weighted and divided by the normalizer
-  MEM1_LPE_INLINE void eval(int64_t g, T logp, T ent, T* gl, T* ge) const {
+  MEM1_INLINE void eval(int64_t g, T logp, T ent, T* gl, T* ge) const {
     const T A = T(adv[g]);
     const T ratio = std::exp(logp - T(old_logp[g]));
     const T unclipped = -A * ratio;
@@ -839,66 +695,3 @@ TORCH_LIBRARY_IMPL(mem1_fast, CPU, m) {
 
 }  // namespace lpe
 }  // namespace mem1_fast
-
-#else  // MEM1_LPE_BODY: row kernels, compiled once per ISA inside namespace mem1_fast::lpe::<isa> with VF
-// (float lanes). The scalar tails use the generic kernels.
-
-static float row_max(const float* z, int64_t n) {
-  constexpr int W = VF::W;
-  typename VF::reg m0 = VF::set1(-std::numeric_limits<float>::infinity()), m1 = m0, m2 = m0, m3 = m0;
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    m0 = VF::max(m0, VF::load(z + i));
-    m1 = VF::max(m1, VF::load(z + i + W));
-    m2 = VF::max(m2, VF::load(z + i + 2 * W));
-    m3 = VF::max(m3, VF::load(z + i + 3 * W));
-  }
-  for (; i + W <= n; i += W) m0 = VF::max(m0, VF::load(z + i));
-  float m = VF::hmax(VF::max(VF::max(m0, m1), VF::max(m2, m3)));
-  for (; i < n; ++i) m = z[i] > m ? z[i] : m;
-  return m;
-}
-
-static void row_sum_exp(const float* z, int64_t n, float m, double* s_out, double* sd_out) {
-  constexpr int W = VF::W;
-  const typename VF::reg L = VF::set1(kLog2ef), vm = VF::set1(m);
-  double s = 0, sd = 0;
-  const int64_t nv = n / (2 * W) * (2 * W);
-  for (int64_t b = 0; b < nv; b += kSumBlock) {
-    const int64_t e = std::min(nv, b + kSumBlock);
-    typename VF::reg s0 = VF::zero(), s1 = s0, d0 = s0, d1 = s0;
-    for (int64_t i = b; i < e; i += 2 * W) {
-      const typename VF::reg x0 = VF::sub(VF::load(z + i), vm);
-      const typename VF::reg x1 = VF::sub(VF::load(z + i + W), vm);
-      const typename VF::reg e0 = VF::exp2(VF::mul(x0, L));
-      const typename VF::reg e1 = VF::exp2(VF::mul(x1, L));
-      s0 = VF::add(s0, e0);
-      s1 = VF::add(s1, e1);
-      d0 = VF::fmadd(e0, x0, d0);
-      d1 = VF::fmadd(e1, x1, d1);
-    }
-    s += VF::hsum(VF::add(s0, s1));
-    sd += VF::hsum(VF::add(d0, d1));
-  }
-  double ts = 0, tsd = 0;
-  generic::row_sum_exp<float>(z + nv, n - nv, m, &ts, &tsd);
-  *s_out = s + ts;
-  *sd_out = sd + tsd;
-}
-
-static void row_grad(float* z, int64_t n, float lse, float ez, float gl, float ge) {
-  constexpr int W = VF::W;
-  const typename VF::reg L = VF::set1(kLog2ef), vl = VF::set1(lse), vez = VF::set1(ez), vgl = VF::set1(gl),
-                         vge = VF::set1(ge);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const typename VF::reg x = VF::load(z + i);
-    const typename VF::reg p = VF::exp2(VF::mul(VF::sub(x, vl), L));
-    VF::store(z + i, VF::mul(p, VF::fmsub(vge, VF::sub(vez, x), vgl)));  // p * (ge (ez - z) - gl)
-  }
-  generic::row_grad<float>(z + i, n - i, lse, ez, gl, ge);
-}
-
-static RowFns<float> fns() { return {&row_max, &row_sum_exp, &row_grad, MEM1_LPE_ISA_NAME}; }
-
-#endif  // MEM1_LPE_BODY

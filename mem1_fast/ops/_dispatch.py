@@ -61,3 +61,11 @@ class Backends:
         if name not in self.modules:
             raise ValueError(f"{self.op}: unknown backend {name!r}; known: {self.names}")
         return name
+
+
+def check_local(op: str, **tensors) -> None:
+    """The ops have no DTensor sharding rules: a DTensor gets an error that says what to pass instead."""
+    for name, x in tensors.items():
+        if x is not None and hasattr(x, "full_tensor"):
+            raise TypeError(f"{op}: {name} is a DTensor; pass local tensors ({name}.to_local()), or gather it first "
+                            f"({name}.full_tensor()) when the op needs all of it (a vocabulary-sharded LM head)")

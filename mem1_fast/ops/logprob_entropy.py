@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import Backends
+from ._dispatch import Backends, check_local
 
 ROW_CHUNK = 1024
 VOCAB_CHUNK = 8192
@@ -96,6 +96,7 @@ _op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _check_inputs(hidden, weight, targets, temperature):
+    check_local("logprob_entropy", hidden=hidden, weight=weight, targets=targets)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"logprob_entropy: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..visibility import Visibility
-from ._dispatch import Backends
+from ._dispatch import Backends, check_local
 
 REFERENCE_CHUNK = 128  # query rows per step of the reference: bounds its memory to chunk x span per head
 
@@ -33,6 +33,7 @@ REFERENCE_CHUNK = 128  # query rows per step of the reference: bounds its memory
 def state_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibility: Visibility,
                     scale: float | None = None, return_lse: bool = False, backend: str | None = None,
                     deterministic: bool = False):
+    check_local("state_attention", q=q, k=k, v=v)
     _check_inputs(q, k, v, visibility)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = _backends.asked(backend)
