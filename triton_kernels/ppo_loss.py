@@ -74,7 +74,7 @@ def available(device) -> bool:
 
 
 def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
-            normalizer, token_weights=None, need_h=True, need_w=True):
+            normalizer, token_weights=None, need_hidden=True, need_weight=True):
     hidden, weight = hidden.detach(), weight.detach()
     logp, ent, stats = le.forward(hidden, weight, targets, temperature)
     N = logp.shape[0]
@@ -94,7 +94,7 @@ def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature
                                                   float(clip_eps), float(entropy_coef), float(kl_coef),
                                                   1.0 / float(normalizer), has_ref, has_w, blk, num_warps=4)
     loss = loss_rows.sum() / float(normalizer)
-    dh, dw = le.backward(gl, ge, hidden, weight, targets, temperature, stats, need_h, need_w)
+    dh, dw = le.backward(gl, ge, hidden, weight, targets, temperature, stats, need_hidden, need_weight)
     if dh is None:
         dh = hidden.new_zeros(())
     if dw is None:

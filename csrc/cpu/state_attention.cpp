@@ -102,6 +102,13 @@ inline int64_t dkdv_scratch(int64_t D, int64_t BMp, int64_t BNp, int64_t Dq) {
   return 4 * D * BNp + 2 * BMp * BNp + BNp * Dq;
 }
 
+// One lane with the micro-kernel shape: the generic body, and every ISA's column tail.
+template <class T>
+struct ScalarV : simd::Scalar<T> {
+  static constexpr int MR = 4;  // micro-kernel rows
+  static constexpr int NV = 4;  // micro-kernel vectors per row
+};
+
 // Entry points of one ISA's compiled body.
 template <class T>
 struct IsaFns {
@@ -116,14 +123,8 @@ struct IsaFns {
 
 // ----- generic body (float and double) ---------------------------------------------------------------------------
 namespace generic {
-struct VF : simd::Scalar<float> {
-  static constexpr int MR = 4;  // micro-kernel rows
-  static constexpr int NV = 4;  // micro-kernel vectors per row
-};
-struct VD : simd::Scalar<double> {
-  static constexpr int MR = 4;
-  static constexpr int NV = 4;
-};
+using VF = ScalarV<float>;
+using VD = ScalarV<double>;
 #define MEM1_SA_WITH_DOUBLE 1
 #include "state_attention_body.h"
 #undef MEM1_SA_WITH_DOUBLE

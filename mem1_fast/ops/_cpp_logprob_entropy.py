@@ -39,7 +39,7 @@ def _ops():
     return torch.ops.mem1_fast
 
 
-def isa(dtype: torch.dtype = torch.float32) -> str:
+def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
     """Which compiled row-kernel body runs here ("avx512", "avx2" or "generic")."""
     return _ops().logprob_entropy_cpu_isa(torch.empty(0, dtype=dtype))
 

@@ -49,10 +49,6 @@ def tile_sizes(q: torch.Tensor) -> tuple[int, int]:
     return BM_DEFAULT, BN_DEFAULT
 
 
-def supports(q: torch.Tensor) -> bool:
-    return q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS
-
-
 def _check(q: torch.Tensor, BM: int, BN: int) -> None:
     if q.dtype not in DTYPES:
         raise NotImplementedError(f"cuda state_attention: dtype {q.dtype} not supported (fp16, bf16); use the "

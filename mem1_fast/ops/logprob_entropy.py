@@ -21,6 +21,8 @@ Backends (one file each, same function): "reference" (plain PyTorch below, chunk
 """
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 from ._dispatch import Backends, check_local
@@ -155,7 +157,7 @@ def reference_forward(hidden, weight, targets, temperature):
     return logp, ent, torch.stack((lse, ez))
 
 
-def reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_h, need_w):
+def reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight):
     lse, ez = stats
     tau = temperature
     acc = _acc_dtype(hidden, weight)
@@ -163,8 +165,8 @@ def reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, stat
     zeros = lambda: torch.zeros(N, dtype=acc, device=hidden.device)  # noqa: E731
     g_logp = zeros() if g_logp is None else g_logp.to(acc)
     g_ent = zeros() if g_ent is None else g_ent.to(acc)
-    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
     for r0 in range(0, N, ROW_CHUNK):
         r1 = min(r0 + ROW_CHUNK, N)
         h = hidden[r0:r1].to(acc)
@@ -179,12 +181,25 @@ def reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, stat
             rows = ((t >= v0) & (t < v0 + w.shape[0])).nonzero().squeeze(1)
             dz[rows, t[rows] - v0] += gl[rows, 0]
             dz = dz / tau
-            if need_h:
+            if need_hidden:
                 d_hidden[r0:r1] += dz @ w
-            if need_w:
+            if need_weight:
                 d_weight[v0:v0 + w.shape[0]] += dz.T @ h
     return (None if d_hidden is None else d_hidden.to(hidden.dtype),
             None if d_weight is None else d_weight.to(weight.dtype))
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A logprob_entropy backend module (tests/test_backends.py checks every registered one against it)."""
+
+    STATS_ROWS: int  # rows of the statistics tensor its forward saves for its backward
+    FP64_OUT: bool  # outputs and statistics are float64 when an input is (else always float32)
+
+    def available(self, device: str) -> bool: ...
+    def forward(self, hidden, weight, targets, temperature) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def backward(self, g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden, need_weight
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
 
 
 class _Reference:

@@ -18,6 +18,7 @@ they read; the reference checks the index values here first (reductions over lo/
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -31,11 +32,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     backend: str | None = None) -> torch.Tensor:
     _check_shapes(q, k_cache, v_cache, block_table, seq, lo, hi)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _backends.pick(backend, q)
-    if name == "reference":
-        _check_indices(q, k_cache, block_table, seq, lo, hi)
-        return paged_attention_reference(q, k_cache, v_cache, block_table, seq, lo, hi, scale)
-    return _backends.module(name).forward(q, k_cache, v_cache, block_table, seq, lo, hi, scale)
+    impl = _backends.module(_backends.pick(backend, q))
+    return impl.forward(q, k_cache, v_cache, block_table, seq, lo, hi, scale)
 
 
 def _check_shapes(q, k_cache, v_cache, block_table, seq, lo, hi):
@@ -119,8 +117,21 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq, lo, hi, sca
     return out
 
 
+@runtime_checkable
+class Backend(Protocol):
+    """A paged_attention backend module (tests/test_backends.py checks every registered one against it)."""
+
+    def available(self, device: str) -> bool: ...
+    def forward(self, q, k_cache, v_cache, block_table, seq, lo, hi, scale) -> torch.Tensor: ...
+
+
 class _Reference:
     available = staticmethod(lambda device: True)
+
+    @staticmethod
+    def forward(q, k_cache, v_cache, block_table, seq, lo, hi, scale):
+        _check_indices(q, k_cache, block_table, seq, lo, hi)  # the kernels check the indices they read
+        return paged_attention_reference(q, k_cache, v_cache, block_table, seq, lo, hi, scale)
 
 
 _backends = Backends("paged_attention", {"cpp": "._cpp_paged_attention",
@@ -128,3 +139,4 @@ _backends = Backends("paged_attention", {"cpp": "._cpp_paged_attention",
                      env="MEM1_FAST_PAGED_BACKEND", prefer={"cpu": ("cpp",), "cuda": ("triton",)})
 BACKENDS = _backends.names
 available_backends = _backends.available
+backend_module = _backends.module

@@ -16,13 +16,12 @@ respect to the logits and accumulates d_hidden and d_weight right there, so the 
 the vocabulary; backward only scales the saved gradients. Backends: "reference" (the generic `logprob_entropy`
 op followed by the formula in autograd — the definition the fused backends must equal), "cpp"
 (ops/_cpp_ppo_loss.py over csrc/cpu/logprob_entropy.cpp), "triton" (triton_kernels/ppo_loss.py). A fused backend
-module implements
-    available(device) -> bool
-    forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
-            normalizer, token_weights, need_hidden, need_weight)
-        -> (loss fp32 scalar, logp fp32 [N], entropy fp32 [N], d_hidden, d_weight)   # 0-dim when not needed
+module implements `Backend` below: forward(...) -> (loss fp32 scalar, logp fp32 [N], entropy fp32 [N], d_hidden,
+d_weight), a gradient not asked for (need_hidden / need_weight False) a 0-dim zero.
 """
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -103,19 +102,8 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_l
     _check_ids(targets, weight.shape[0])
     args = (targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef, normalizer,
             token_weights)
-    name = backend or _backends.default(hidden)
-    if name == "reference":  # the generic op's reference, then the formula's derivatives in logp and entropy
-        logp, ent, stats = reference_forward(hidden, weight, targets, temperature)
-        logp, ent = logp.float(), ent.float()
-        loss = _loss_of(logp, ent, old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef, normalizer,
-                        token_weights)
-        g_logp, g_ent = _loss_grads(logp, old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef,
-                                    normalizer, token_weights)
-        dh, dw = reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden,
-                                    need_weight)
-        return (loss, logp, ent, hidden.new_zeros(()) if dh is None else dh,
-                weight.new_zeros(()) if dw is None else dw)
-    return _backends.module(name).forward(hidden, weight, *args, need_hidden, need_weight)
+    return _backends.module(backend or _backends.default(hidden)).forward(hidden, weight, *args, need_hidden,
+                                                                           need_weight)
 
 
 @_op.register_fake
@@ -157,8 +145,35 @@ def _autograd_backward(ctx, g_loss, *_):
 _op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-class _Reference:  # the generic op followed by the formula, in autograd (reference_ppo_loss)
+@runtime_checkable
+class Backend(Protocol):
+    """A fused ppo_loss backend module (tests/test_backends.py checks every registered one against it)."""
+
+    def available(self, device: str) -> bool: ...
+    def forward(self, hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef,
+                kl_coef, normalizer, token_weights, need_hidden, need_weight
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class _Reference:
+    """The front runs `reference_ppo_loss` (the generic op followed by the formula, in autograd). Inside the
+    registered op (when no fused kernel takes the input) this forward runs: the generic op's reference, then the
+    formula's derivatives in logp and entropy, then the generic backward -- the gradients a fused backend returns."""
+
     available = staticmethod(lambda device: True)
+
+    @staticmethod
+    def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef,
+                kl_coef, normalizer, token_weights, need_hidden, need_weight):
+        logp, ent, stats = reference_forward(hidden, weight, targets, temperature)
+        logp, ent = logp.float(), ent.float()
+        formula = (old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef, normalizer, token_weights)
+        loss = _loss_of(logp, ent, *formula)
+        g_logp, g_ent = _loss_grads(logp, *formula)
+        dh, dw = reference_backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden,
+                                    need_weight)
+        return (loss, logp, ent, hidden.new_zeros(()) if dh is None else dh,
+                weight.new_zeros(()) if dw is None else dw)
 
 
 _backends = Backends("ppo_loss", {"reference": _Reference, "cpp": "._cpp_ppo_loss",

@@ -10,17 +10,16 @@ A row with no visible key outputs 0 with lse = -inf and zero gradients, never Na
 Backends (one file each, same function): "reference" (plain PyTorch below, chunked over query rows, autograd),
 "cpp" (ops/_cpp_state_attention.py over csrc/cpu/state_attention.cpp, CPU tensors), "triton"
 (triton_kernels/state_attention.py, CUDA tensors, or CPU under TRITON_INTERPRET=1), "cuda"
-(ops/_cuda_state_attention.py over csrc/cuda/state_attention.cu, CUDA builds). Kernel backends implement
-    available(device) -> bool;  tile_sizes(q) -> (BM, BN);  DTYPES (optional: the input dtypes they take)
-    forward(q, k, v, vis, scale, BM, BN) -> (out, lse)
-    backward(dout, q, k, v, out, lse, vis, scale, BM, BN, deterministic) -> (dq, dk, dv)
-and read the visibility only through `vis.block_map(BM, BN)` / `vis.transposed_block_map(BM, BN)` (built once per
-batch, shared by every layer) and `vis.lo`/`vis.hi` (per-element masking of partial tiles). The backend is the
-`backend=` keyword, else `MEM1_FAST_ATTN_BACKEND`, else the first available for the device and dtype (ops/_dispatch.py).
+(ops/_cuda_state_attention.py over csrc/cuda/state_attention.cu, CUDA builds). Each implements `Backend` below
+(and may list the input dtypes it takes in DTYPES), and reads the visibility only through `vis.block_map(BM, BN)` /
+`vis.transposed_block_map(BM, BN)` (built once per batch, shared by every layer) and `vis.lo`/`vis.hi`
+(per-element masking of partial tiles). The backend is the `backend=` keyword, else `MEM1_FAST_ATTN_BACKEND`, else
+the first available for the device and dtype (ops/_dispatch.py), resolved when the registered op runs.
 """
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -51,14 +50,9 @@ def state_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
 @torch.library.custom_op("mem1_fast::state_attention", mutates_args=(), device_types=("cpu", "cuda"))
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float,
         backend: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    name = backend or _backends.default(q)
-    vis = Visibility(lo, hi)
-    if name == "reference":
-        out, lse = state_attention_reference(q, k, v, vis, scale)
-        return out, lse
-    impl = _backends.module(name)
+    impl = _backends.module(backend or _backends.default(q))
     BM, BN = impl.tile_sizes(q)
-    return impl.forward(q, k, v, vis, scale, BM, BN)
+    return impl.forward(q, k, v, Visibility(lo, hi), scale, BM, BN)
 
 
 @_op.register_fake
@@ -70,15 +64,9 @@ def _(q, k, v, lo, hi, scale, backend, deterministic):
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float, backend: str,
                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = backend or _backends.default(q)
-    vis = Visibility(lo, hi)
-    if name == "reference":  # the default fell to the reference (no kernel for this device / dtype); autograd does
-        # not record inside an op, torch.func differentiates it
-        _, vjp = torch.func.vjp(lambda q, k, v: state_attention_reference(q, k, v, vis, scale)[0], q, k, v)
-        return vjp(dout)
-    impl = _backends.module(name)
+    impl = _backends.module(backend or _backends.default(q))
     BM, BN = impl.tile_sizes(q)
-    return impl.backward(dout.contiguous(), q, k, v, out, lse, vis, scale, BM, BN, deterministic)
+    return impl.backward(dout.contiguous(), q, k, v, out, lse, Visibility(lo, hi), scale, BM, BN, deterministic)
 
 
 @_backward_op.register_fake
@@ -167,8 +155,32 @@ def state_attention_reference(q, k, v, vis: Visibility, scale: float, chunk: int
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
-class _Reference:  # autograd runs through the plain PyTorch above
+@runtime_checkable
+class Backend(Protocol):
+    """A state_attention backend module (tests/test_backends.py checks every registered one against it)."""
+
+    def available(self, device: str) -> bool: ...
+    def tile_sizes(self, q: torch.Tensor) -> tuple[int, int]: ...
+    def forward(self, q, k, v, vis, scale, BM, BN) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def backward(self, dout, q, k, v, out, lse, vis, scale, BM, BN, deterministic
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class _Reference:
+    """The plain PyTorch above as a backend: the front differentiates it with autograd; inside the registered op
+    (when no kernel takes the input) torch.func does, since autograd does not record below an op."""
+
     available = staticmethod(lambda device: True)
+    tile_sizes = staticmethod(lambda q: (0, 0))  # no tiles
+
+    @staticmethod
+    def forward(q, k, v, vis, scale, BM, BN):
+        return state_attention_reference(q, k, v, vis, scale)
+
+    @staticmethod
+    def backward(dout, q, k, v, out, lse, vis, scale, BM, BN, deterministic):
+        _, vjp = torch.func.vjp(lambda q, k, v: state_attention_reference(q, k, v, vis, scale)[0], q, k, v)
+        return vjp(dout)
 
 
 _backends = Backends("state_attention", {"reference": _Reference, "cpp": "._cpp_state_attention",
@@ -178,3 +190,4 @@ _backends = Backends("state_attention", {"reference": _Reference, "cpp": "._cpp_
 BACKENDS = _backends.names
 available_backends = _backends.available
 default_backend = _backends.default
+backend_module = _backends.module

@@ -57,6 +57,7 @@ namespace mem1_fast {
 namespace simd {
 
 // One lane; the generic body (float and double) and the column-tail path of every ISA.
+template <class T_>
 struct Scalar {
   using T = T_;
   using reg = T;
