@@ -38,3 +38,12 @@ def logprob_entropy(hidden, weight, targets, temperature=1.0):
     logp_all = torch.log_softmax(z, -1)
     p = logp_all.exp()
     return logp_all.gather(1, targets[:, None])[:, 0], -(p * logp_all).sum(-1)
+
+
+def logprob_case(N, H, V, dtype=torch.float32, scale=1.0, seed=0, wdtype=None):
+    """Random (hidden [N, H], weight [V, H], targets [N], g_logp [N], g_entropy [N]) for logprob_entropy tests."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, H, generator=g) * scale).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(wdtype or dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    return hidden, weight, targets, torch.randn(N, generator=g), torch.randn(N, generator=g)

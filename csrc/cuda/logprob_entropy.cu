@@ -20,9 +20,10 @@
 #include "logprob_entropy.cuh"
 
 #if defined(MEM1_LPE_EMULATE)
-// CPU emulation build (g++, tests/test_logprob_entropy_triton.py): the test force-includes a header that provides
-// the CUDA names used here (thread / block indices, __syncthreads, warp shuffles, wmma on whole 16 x 16 tiles,
-// __half / __nv_bfloat16 storage types) with one std::thread per CUDA thread, and MEM1_LPE_LAUNCH.
+// CPU emulation build (g++, tests/test_logprob_entropy_cuda.py): the shared emulator provides the CUDA names used
+// here (thread / block indices, __syncthreads, warp shuffles, wmma on whole 16 x 16 tiles, __half / __nv_bfloat16).
+#include "emulator.h"
+#define MEM1_LPE_LAUNCH(kernel, grid, block, stream, ...) MEM1_EMU_LAUNCH(kernel, grid, block, __VA_ARGS__)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
