@@ -81,6 +81,12 @@ def _setup(V: int, variants):
         from mem1_fast.ops import _cpp_logprob_entropy
 
         assert _cpp_logprob_entropy.available("cpu"), "the C++ extension does not load"
+        # Warm-up at a tiny shape: the first call of any torch.library op in a process imports torch._dynamo
+        # (~150 MB of RSS, once), which is not the method's memory.
+        hw, ww = torch.randn(4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+        tw, zw = torch.randint(0, 16, (4,)), torch.zeros(4)
+        sum(logprob_entropy(hw, ww, tw, backend="cpp")).sum().backward()
+        ppo_loss(hw, ww, tw, zw, zw + 1, backend="cpp")[0].backward()
     def naive():
         logits = (h @ W.T) / TEMPERATURE
         logp_all = torch.log_softmax(logits, -1)

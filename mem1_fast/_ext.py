@@ -40,6 +40,7 @@ __all__ = [
     "cuda_archs",
     "source_list",
     "find_nvcc",
+    "cuda_include_dir",
     "nvcc_compile",
     "parse_ptxas",
     "CXX_FLAGS",
@@ -313,6 +314,19 @@ def parse_ptxas(text: str) -> dict[str, dict]:
     for k, v in kernels.items():
         v["name"] = names[k]
     return kernels
+
+
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's include folder (the one holding cuda_runtime_api.h), or None: $CUDA_HOME, $CUDA_PATH,
+    /usr/local/cuda, then the toolkit of the nvcc found. Host-only compile checks need it, no GPU."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = find_nvcc()
+    if nvcc:
+        cands.append(str(Path(nvcc).resolve().parent.parent))
+    for c in cands:
+        if c and (Path(c) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(c) / "include"
+    return None
 
 
 def nvcc_compile(src: str | os.PathLike, arch: str = "sm_80", extra_flags: list[str] | None = None) -> dict:

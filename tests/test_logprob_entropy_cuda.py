@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import math
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,22 +56,12 @@ int main(void) { return MEM1_LPE_BM == 64 && launchers[0] != 0 ? 0 : 1; }
 """
 
 
-def _cuda_include() -> Path | None:
-    from mem1_fast import _ext
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = _ext.find_nvcc()
-    if nvcc:
-        cands.append(str(Path(nvcc).resolve().parent.parent))
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_runtime_api.h").is_file():
-            return Path(c) / "include"
-    return None
-
-
 @pytest.mark.parametrize("lang", ["c++", "c"])
 def test_cu_header_compiles_host_only(tmp_path, lang):
     compiler = shutil.which("g++" if lang == "c++" else "gcc")
-    inc = _cuda_include()
+    from mem1_fast import _ext
+
+    inc = _ext.cuda_include_dir()
     if compiler is None or inc is None:
         pytest.skip("needs a host compiler and the CUDA headers")
     tu = tmp_path / ("tu.cpp" if lang == "c++" else "tu.c")

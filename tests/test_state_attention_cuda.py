@@ -50,18 +50,7 @@ CC = shutil.which("gcc")
 N_PARAM_FIELDS = 44  # Mem1StateAttnParams: every field 8 bytes
 
 
-def _cuda_include() -> Path | None:
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = _ext.find_nvcc()
-    if nvcc:
-        cands.append(str(Path(nvcc).resolve().parent.parent))
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_runtime_api.h").is_file():
-            return Path(c) / "include"
-    return None
-
-
-CUDA_INCLUDE = _cuda_include()
+CUDA_INCLUDE = _ext.cuda_include_dir()
 
 
 # ---------------------------------------------------------------------------------------------------------------

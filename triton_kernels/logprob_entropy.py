@@ -130,7 +130,7 @@ CONFIGS: dict[tuple[str, str], Config] = {
     ("fp32", "small"): Config(fwd=Tile(64, 64, 32, 4, 2), dz=Tile(64, 64, 32, 4, 2),
                               dh=Gemm(64, 64, 32, 8, 4, 2), dw=Gemm(64, 64, 32, 8, 4, 2)),
 }
-# Under the interpreter: few, large tiles (each interpreted op costs ~0.1-1 ms whatever its size, so the op count
+# Under the interpreter: few, large tiles (each interpreted op has a fixed cost whatever its size, so the op count
 # dominates), shrunk to the problem by config_for (INTERPRETER_FIT); tests/test_logprob_entropy_triton.py forces
 # small tiles to exercise the ragged / multi-tile / multi-split / multi-chunk paths.
 INTERPRETER_CONFIG = Config(fwd=Tile(256, 2048, 64, 4, 1), dz=Tile(256, 2048, 64, 4, 1),

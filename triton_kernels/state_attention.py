@@ -151,7 +151,7 @@ def config_for(D: int, dtype: torch.dtype) -> Config:
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Kernels. Helpers are inlined by hand except the per-tile functions: every device-function call costs ~2 ms under
+# Kernels. Helpers are inlined by hand except the per-tile functions: every device-function call is costly under
 # the interpreter (it re-patches triton.language), which would dominate the CPU tests; compiled, it is all inlined.
 # -----------------------------------------------------------------------------------------------------------------
 

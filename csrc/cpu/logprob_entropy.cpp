@@ -171,7 +171,7 @@ RowFns<double> row_fns<double>(int64_t) {
 constexpr int64_t kFusedRows = 512;
 constexpr int64_t kFusedChunkBytes = int64_t(192) << 20;
 constexpr int64_t kTileBytes = int64_t(32) << 20;         // generic: logits tile [Rb, Vt] ([2048, 4096] fp32)
-constexpr int64_t kRowBlock = 2048;                       // generic: rows per block (measured: 2048 > 4096 here)
+constexpr int64_t kRowBlock = 2048;                       // generic: rows per block (tuned on the dev CPU)
 constexpr int64_t kConvTileBytes = int64_t(16) << 20;     // fused: converted weight tile (non-fp32 weight)
 
 enum class Mode { kForward, kBackward, kFused };

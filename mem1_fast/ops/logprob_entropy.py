@@ -84,6 +84,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, targets, output[2])
     ctx.temperature, ctx.backend = temperature, backend
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None (the backends skip it), not zeros
 
 
 def _autograd_backward(ctx, g_logp, g_ent, _g_stats):

@@ -130,6 +130,7 @@ def _(g_loss, d_hidden, d_weight):
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[3], output[4])
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else autograd hands backward zeros the size of d_hidden and d_weight
 
 
 def _autograd_backward(ctx, g_loss, *_):

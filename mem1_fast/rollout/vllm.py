@@ -61,7 +61,7 @@ class VLLMEngine:
         self.max_new_tokens, self.temperature, self.greedy, self.seed = max_new_tokens, temperature, greedy, seed
         cuda = next(model.parameters()).is_cuda
         dtype = dtype or ("bfloat16" if cuda else "float32")
-        # fp32 vLLM computes the trainer's function up to fp32 rounding (measured ~1e-5): its log-probs serve as
+        # fp32 vLLM computes the trainer's function up to fp32 rounding (tests/test_vllm_engine.py): its log-probs serve as
         # old-policy log-probs; a bf16 engine against an fp32/bf16 trainer does not
         self.exact_logprobs = dtype == "float32" and next(model.parameters()).dtype == torch.float32
         self.stop_ids, self.stop_strings = split_stops(tokenizer, stop_strings)
@@ -74,8 +74,8 @@ class VLLMEngine:
         # `gen.set_offset`), which CPU generators cannot do ("CPU Generator does not use offset"): on CPU, requests
         # draw from the engine's seeded generator instead of one each (deterministic within a run, not per batch)
         self._request_seeds = cuda
-        # compiled (inductor) on CPU measured 1.11x the eager rate on a 43M Qwen2 but 37 s more engine start: eager
-        # by default there; CUDA graphs on GPU
+        # compiled (inductor) on CPU gains little over eager and costs a much longer engine start (benchmarks/
+        # RESULTS.md): eager by default there; CUDA graphs on GPU
         eager = (not cuda) if enforce_eager is None else enforce_eager
         self.llm = LLM(model=self._dir, dtype=dtype, seed=seed, enforce_eager=eager,
                        gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.1),
