@@ -73,7 +73,9 @@ def _ext_module():
 
 
 _EXT = _ext_module()
-SOURCES = _EXT.source_list(ROOT)
+_LISTED = _EXT.source_list(ROOT / "csrc")  # paths relative to csrc/; setuptools wants them relative to ROOT
+SOURCES = {"cpu": [f"csrc/{p}" for p in _LISTED["cpu"]], "cuda": [f"csrc/{p}" for p in _LISTED["cuda"]],
+           "arch": _LISTED["arch"]}
 CXX_FLAGS, LD_FLAGS = _EXT.CXX_FLAGS, _EXT.LD_FLAGS
 
 

@@ -11,7 +11,8 @@ registered its ops; ``cuda_error()`` says why not.
 
 ``source_list()`` reads ``csrc/sources.txt``, the one list of native sources and CUDA architectures (setup.py and
 CMakeLists.txt read it too); ``cpu_sources()`` / ``cuda_sources()`` / ``cuda_archs()`` are its parts;
-``nvcc_compile(src, arch)`` compiles one of them with nvcc (no GPU needed) and returns ptxas' per-kernel register / spill / shared-memory figures.
+``nvcc_compile(src, arch)`` compiles one of them with nvcc (no GPU needed) and returns ptxas' per-kernel
+register / spill / shared-memory figures.
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ def csrc_dir() -> Path:
     return d
 
 
-def source_list(root: Path | None = None) -> dict[str, list[str]]:
+def source_list(csrc: Path | None = None) -> dict[str, list[str]]:
     """``csrc/sources.txt``, the one list of native sources and CUDA architectures (setup.py and CMakeLists.txt read
-    it too): {"cpu": [path, ...], "cuda": [...], "arch": ["80", "90a"]}, paths relative to the repository root."""
-    root = csrc_dir().parent if root is None else root
+    it too): {"cpu": [path, ...], "cuda": [...], "arch": ["80", "90a"]}, paths relative to the csrc folder."""
+    csrc = csrc_dir() if csrc is None else csrc
     out: dict[str, list[str]] = {"cpu": [], "cuda": [], "arch": []}
-    for n, line in enumerate((root / "csrc" / "sources.txt").read_text().splitlines(), 1):
+    for n, line in enumerate((csrc / "sources.txt").read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if line:
             kind, _, value = line.partition(" ")
@@ -89,14 +90,12 @@ def source_list(root: Path | None = None) -> dict[str, list[str]]:
 
 def cpu_sources() -> list[Path]:
     """Sources of the CPU extension (``cpu`` lines of csrc/sources.txt)."""
-    root = csrc_dir().parent
-    return [root / p for p in source_list(root)["cpu"]]
+    return [csrc_dir() / p for p in source_list()["cpu"]]
 
 
 def cuda_sources() -> list[Path]:
     """The ``.cu`` sources of the CUDA extension (``cuda`` lines of csrc/sources.txt; compile-checked with nvcc)."""
-    root = csrc_dir().parent
-    return [root / p for p in source_list(root)["cuda"] if p.endswith(".cu")]
+    return [csrc_dir() / p for p in source_list()["cuda"] if p.endswith(".cu")]
 
 
 def cuda_archs() -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 
 import torch
 from transformers import AttentionInterface
@@ -34,6 +35,7 @@ from .visibility import Visibility
 NAME = "mem1_fast"
 _ACTIVE: contextvars.ContextVar[Visibility | None] = contextvars.ContextVar("mem1_fast_visibility", default=None)
 _OPEN = 0  # visibility() blocks open in any thread: a plain int compiled code can read (and guard on)
+_OPEN_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -41,19 +43,18 @@ def visibility(vis: Visibility):
     """Run the model's forward passes inside this block over one packed row with visibility `vis`."""
     global _OPEN
     token = _ACTIVE.set(vis)
-    _OPEN += 1
+    with _OPEN_LOCK:
+        _OPEN += 1
     try:
         yield vis
     finally:
-        _OPEN -= 1
+        with _OPEN_LOCK:
+            _OPEN -= 1
         _ACTIVE.reset(token)
 
 
 def mem1_fast_mask(*args, **kwargs):
-    if torch.compiler.is_compiling():
-        if _OPEN:
-            raise RuntimeError("mem1_fast: a compiled forward cannot see the visibility() block around it; pass "
-                               "visibility=vis to the model's forward instead")
+    if torch.compiler.is_compiling():  # compiled code cannot read the context variable (see mem1_fast_attention)
         return sdpa_mask(*args, **kwargs)  # ignored by the attention when `visibility=` is given
     vis = _ACTIVE.get()
     return vis if vis is not None else sdpa_mask(*args, **kwargs)
@@ -61,6 +62,11 @@ def mem1_fast_mask(*args, **kwargs):
 
 def mem1_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     vis = attention_mask if isinstance(attention_mask, Visibility) else kwargs.get("visibility")
+    if vis is None and _OPEN and torch.compiler.is_compiling():
+        # a visibility() block is open (in some thread) and this compiled forward got no `visibility=`: most likely
+        # the block is around it, which compiled code cannot see -- refuse rather than attend causally
+        raise RuntimeError("mem1_fast: a compiled forward cannot see the visibility() block around it; pass "
+                           "visibility=vis to the model's forward instead")
     if vis is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

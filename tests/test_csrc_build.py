@@ -48,15 +48,16 @@ def test_source_list_names_every_native_source_once():
     drift of a per-tool list) cannot happen. Negative control: a stray file is caught."""
     if not (ROOT / "csrc" / "sources.txt").is_file():
         pytest.skip("no csrc/ in this checkout")
-    lst = _ext.source_list(ROOT)
+    csrc = ROOT / "csrc"
+    lst = _ext.source_list(csrc)
     listed = lst["cpu"] + lst["cuda"]
-    assert len(listed) == len(set(listed)) and all((ROOT / p).is_file() for p in listed)
-    on_disk = sorted(str(p.relative_to(ROOT)) for ext in ("*.cpp", "*.cu") for p in (ROOT / "csrc").rglob(ext))
+    assert len(listed) == len(set(listed)) and all((csrc / p).is_file() for p in listed)
+    on_disk = sorted(str(p.relative_to(csrc)) for ext in ("*.cpp", "*.cu") for p in csrc.rglob(ext))
     assert sorted(listed) == on_disk
-    assert "csrc/cuda/block_map.cu" not in on_disk and ARCHS == ["sm_80", "sm_90a"]
-    assert sorted(listed + ["csrc/cuda/stray.cu"]) != on_disk
+    assert "cuda/block_map.cu" not in on_disk and ARCHS == ["sm_80", "sm_90a"]
+    assert sorted(listed + ["cuda/stray.cu"]) != on_disk
     setup_text = (ROOT / "setup.py").read_text()
-    assert "source_list(ROOT)" in setup_text and "glob(" not in setup_text
+    assert "source_list(ROOT / \"csrc\")" in setup_text and "glob(" not in setup_text
     cmake = (ROOT / "CMakeLists.txt").read_text()
     assert "csrc/sources.txt" in cmake and "GLOB" not in cmake
 

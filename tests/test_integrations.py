@@ -35,11 +35,11 @@ def grpo_loss_from_hidden(hidden, lm_head_weight, completion_ids, completion_mas
     """The README's TRL example: the same loss from hidden states [B, L, H], the logits never formed."""
     B, L = completion_ids.shape
     keep = completion_mask.bool().reshape(-1)  # only the completion tokens reach the LM head
-    per_seq = completion_mask.sum(-1).clamp(min=1.0)
+    m = completion_mask.float()
     weights, normalizer = {
-        "grpo": (1.0 / per_seq[:, None].expand(B, L), B),
-        "bnpo": (torch.ones(B, L), completion_mask.sum().clamp(min=1.0)),
-        "dr_grpo": (torch.ones(B, L), B * (max_completion_length or L)),
+        "grpo": ((1 / m.sum(-1).clamp(min=1))[:, None].expand(B, L), B),  # per-sequence mean
+        "bnpo": (torch.ones_like(m), m.sum().clamp(min=1)),
+        "dr_grpo": (torch.ones_like(m), B * (max_completion_length or L)),
     }[loss_type]
     loss, logp, entropy = ppo_loss(
         hidden.reshape(B * L, -1)[keep], lm_head_weight, completion_ids.reshape(-1)[keep],

@@ -47,11 +47,12 @@ def test_logprob_entropy_passes_opcheck(backend):
     torch.library.opcheck(OPS.logprob_entropy, (h.double(), w.double(), t, 1.0, backend))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", ["", "reference"])
-def test_ppo_loss_passes_opcheck(backend):
+def test_ppo_loss_passes_opcheck(backend, dtype):
     torch.manual_seed(3)
-    h = torch.randn(11, 8)
-    w = torch.randn(30, 8)
+    h = torch.randn(11, 8, dtype=dtype)
+    w = torch.randn(30, 8, dtype=dtype)
     t = torch.randint(0, 30, (11,))
     old, adv, ref = torch.randn(11) - 3, torch.randn(11), torch.randn(11) - 3
     for need in ((True, True), (False, True), (True, False)):
@@ -60,6 +61,20 @@ def test_ppo_loss_passes_opcheck(backend):
         # the op returns its gradients as outputs (computed in the forward pass), so autograd is checked below by
         # comparing with the reference, not by opcheck's numerical test of every output
         torch.library.opcheck(OPS.ppo_loss, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_permuted_inputs_get_the_layout_the_fake_promises():
+    """A query that is a transposed view of a [H, T, D]-contiguous tensor (what a model's attention hands over):
+    the real outputs have the fake kernel's (contiguous) strides, forward and backward."""
+    torch.manual_seed(10)
+    vis = _vis(33, 9)
+    q = torch.randn(4, 33, 16).transpose(0, 1).requires_grad_()
+    k, v = (torch.randn(2, 33, 16).transpose(0, 1).requires_grad_() for _ in range(2))
+    assert not q.is_contiguous()
+    torch.library.opcheck(OPS.state_attention, (q, k, v, vis.lo, vis.hi, 0.25, "", False))
+    out = state_attention(q, k, v, vis)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert out.is_contiguous() and all(g.shape == x.shape for g, x in zip((dq, dk, dv), (q, k, v)))
 
 
 def test_op_checks_values_where_compiled_code_cannot():

@@ -69,3 +69,8 @@ def check_local(op: str, **tensors) -> None:
         if x is not None and hasattr(x, "full_tensor"):
             raise TypeError(f"{op}: {name} is a DTensor; pass local tensors ({name}.to_local()), or gather it first "
                             f"({name}.full_tensor()) when the op needs all of it (a vocabulary-sharded LM head)")
+
+
+def contiguous(*tensors):
+    """The op's outputs in the layout its fake kernel promises (a no-op for the kernels' own outputs)."""
+    return tuple(t.contiguous() for t in tensors)

@@ -39,15 +39,16 @@ def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return logp, ent
 
 
-# --- the registered op: one schema, CPU and CUDA implementations, a fake kernel, autograd ---------------------------
-# backend "" means the default for the tensors' device and dtype, resolved when the op runs (not when it is traced).
+# --- the registered op: one schema, a fake kernel, autograd ---------------------------------------------------------
+# One implementation for every device: it runs the backend asked for, or ("") the default for the tensors' device and
+# dtype, resolved when the op runs (the fake kernel asks the registry only for the statistics' shape).
 # `stats` is what the backend's backward reads: float32 [STATS_ROWS, N] (float64 for float64 inputs on the
 # reference and C++ backends), its rows the backend's own business.
 def _impl(hidden, backend):
     return _backends.module(backend or _backends.default(hidden))
 
 
-@torch.library.custom_op("mem1_fast::logprob_entropy", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("mem1_fast::logprob_entropy", mutates_args=())
 def _op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_ids(targets, weight.shape[0])
@@ -63,20 +64,21 @@ def _(hidden, weight, targets, temperature, backend):
                                                                                             dtype=out)
 
 
-@torch.library.custom_op("mem1_fast::logprob_entropy_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("mem1_fast::logprob_entropy_backward", mutates_args=())
 def _backward_op(g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor,
                  targets: torch.Tensor, stats: torch.Tensor, temperature: float, backend: str, need_hidden: bool,
                  need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dh, dw = _impl(hidden, backend).backward(g_logp, g_ent, hidden, weight, targets, temperature, stats, need_hidden,
                                              need_weight)
     # an op returns tensors, never None: an empty tensor stands for a gradient not asked for
-    return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
+    return (hidden.new_empty(0) if dh is None else dh.contiguous()), (weight.new_empty(0) if dw is None else
+                                                                      dw.contiguous())
 
 
 @_backward_op.register_fake
 def _(g_logp, g_ent, hidden, weight, targets, stats, temperature, backend, need_hidden, need_weight):
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -90,10 +90,10 @@ def _loss_grads(logp, old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl
     return g_logp * w / normalizer, -entropy_coef * w / normalizer
 
 
-# --- the registered op: one schema, CPU and CUDA implementations, a fake kernel, autograd ---------------------------
-# backend "" means the default for the tensors' device and dtype, resolved when the op runs; a default that falls to
-# the reference runs it without autograd and returns its gradients, like a fused backend.
-@torch.library.custom_op("mem1_fast::ppo_loss", mutates_args=(), device_types=("cpu", "cuda"))
+# --- the registered op: one schema, a fake kernel, autograd ---------------------------------------------------------
+# One implementation for every device: it runs the backend asked for, or ("") the default for the tensors' device and
+# dtype, resolved when the op runs; a default that falls to the reference returns its gradients like a fused backend.
+@torch.library.custom_op("mem1_fast::ppo_loss", mutates_args=())
 def _op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
         advantages: torch.Tensor, ref_logp: torch.Tensor | None, temperature: float, clip_eps: float,
         entropy_coef: float, kl_coef: float, normalizer: float, token_weights: torch.Tensor | None,
@@ -102,18 +102,19 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_l
     _check_ids(targets, weight.shape[0])
     args = (targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef, normalizer,
             token_weights)
-    return _backends.module(backend or _backends.default(hidden)).forward(hidden, weight, *args, need_hidden,
-                                                                           need_weight)
+    loss, logp, ent, dh, dw = _backends.module(backend or _backends.default(hidden)).forward(
+        hidden, weight, *args, need_hidden, need_weight)
+    return loss, logp, ent, dh.contiguous(), dw.contiguous()
 
 
 @_op.register_fake
 def _(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef, kl_coef,
       normalizer, token_weights, need_hidden, need_weight, backend):
     N = hidden.shape[0]
-    f32 = dict(dtype=torch.float32)
-    return (hidden.new_empty((), **f32), hidden.new_empty(N, **f32), hidden.new_empty(N, **f32),
-            torch.empty_like(hidden) if need_hidden else hidden.new_empty(()),
-            torch.empty_like(weight) if need_weight else weight.new_empty(()))
+    out = dict(dtype=torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32)
+    return (hidden.new_empty((), **out), hidden.new_empty(N, **out), hidden.new_empty(N, **out),
+            hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(()),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(()))
 
 
 @torch.library.custom_op("mem1_fast::ppo_loss_scale_grads", mutates_args=())
@@ -124,7 +125,7 @@ def _scale_op(g_loss: torch.Tensor, d_hidden: torch.Tensor, d_weight: torch.Tens
 
 @_scale_op.register_fake
 def _(g_loss, d_hidden, d_weight):
-    return torch.empty_like(d_hidden), torch.empty_like(d_weight)
+    return d_hidden.new_empty(d_hidden.shape), d_weight.new_empty(d_weight.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -135,6 +136,8 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, g_loss, *_):
     """The gradients were computed in the forward pass; scale them by the upstream gradient."""
+    if g_loss is None:  # the loss itself was not used
+        return (None,) * 15
     dh, dw = ctx.saved_tensors
     # The usual loss.backward() passes 1: eager code hands the gradients over as they are (scaling them would
     # allocate a second d_weight [V, H] for nothing); a compiled graph cannot branch on a value, so it scales.
@@ -167,7 +170,6 @@ class _Reference:
     def forward(hidden, weight, targets, old_logp, advantages, ref_logp, temperature, clip_eps, entropy_coef,
                 kl_coef, normalizer, token_weights, need_hidden, need_weight):
         logp, ent, stats = reference_forward(hidden, weight, targets, temperature)
-        logp, ent = logp.float(), ent.float()
         formula = (old_logp, advantages, ref_logp, clip_eps, entropy_coef, kl_coef, normalizer, token_weights)
         loss = _loss_of(logp, ent, *formula)
         g_logp, g_ent = _loss_grads(logp, *formula)

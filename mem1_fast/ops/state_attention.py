@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..visibility import Visibility
-from ._dispatch import Backends, check_local
+from ._dispatch import Backends, check_local, contiguous
 
 REFERENCE_CHUNK = 128  # query rows per step of the reference: bounds its memory to chunk x span per head
 
@@ -44,34 +44,37 @@ def state_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibilit
     return (out, lse) if return_lse else out
 
 
-# --- the registered op: one schema, CPU and CUDA implementations, a fake kernel, autograd ---------------------------
-# backend "" means the default for the tensors' device and dtype, resolved when the op runs (not when it is traced).
+# --- the registered op: one schema, a fake kernel, autograd ---------------------------------------------------------
+# One implementation for every device: it runs the backend asked for, or ("") the default for the tensors' device and
+# dtype (C++ on CPU, Triton on CUDA, the reference elsewhere), resolved when the op runs, not when it is traced.
+# Outputs are contiguous, as the fake kernels say.
 # The visibility crosses the op boundary as its two tensors; the block maps are cached on them (visibility.py).
-@torch.library.custom_op("mem1_fast::state_attention", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("mem1_fast::state_attention", mutates_args=())
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float,
         backend: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _backends.module(backend or _backends.default(q))
     BM, BN = impl.tile_sizes(q)
-    return impl.forward(q, k, v, Visibility(lo, hi), scale, BM, BN)
+    return contiguous(*impl.forward(q, k, v, Visibility(lo, hi), scale, BM, BN))
 
 
 @_op.register_fake
 def _(q, k, v, lo, hi, scale, backend, deterministic):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("mem1_fast::state_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("mem1_fast::state_attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float, backend: str,
                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _backends.module(backend or _backends.default(q))
     BM, BN = impl.tile_sizes(q)
-    return impl.backward(dout.contiguous(), q, k, v, out, lse, Visibility(lo, hi), scale, BM, BN, deterministic)
+    return contiguous(*impl.backward(dout.contiguous(), q, k, v, out, lse, Visibility(lo, hi), scale, BM, BN,
+                                     deterministic))
 
 
 @_backward_op.register_fake
 def _(dout, q, k, v, out, lse, lo, hi, scale, backend, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
