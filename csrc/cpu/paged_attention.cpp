@@ -15,6 +15,9 @@
 // Dtypes: float32 / float16 / bfloat16 accumulate in float32, float64 in double. Indices are validated as they are
 // read (a table entry of -1, a slot past the table, a block id outside the cache, lo > hi): bad input raises,
 // it never reads out of bounds. A row with no visible slot outputs 0.
+// ISA: the fp32 body is compiled a second time for AVX2 + FMA (csrc/include/mem1_fast/simd.h's target macros) and
+// chosen by simd::best_isa(), like the other CPU kernels.
+#include "mem1_fast/simd.h"  // first: it silences a GCC warning before any header
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -30,12 +33,6 @@
 #include <type_traits>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define MEM1_PA_X86 1
-#else
-#define MEM1_PA_X86 0
-#endif
-#define MEM1_PA_INLINE inline __attribute__((always_inline))
 
 namespace mem1_fast {
 namespace {
@@ -43,7 +40,7 @@ namespace {
 // q . k with 8 independent partial sums: the compiler vectorizes the lanes (one sum would be a serial chain, which
 // it may not reorder without -ffast-math).
 template <typename scalar_t, typename acc_t>
-MEM1_PA_INLINE acc_t dot(const acc_t* q, const scalar_t* k, int64_t D) {
+MEM1_INLINE acc_t dot(const acc_t* q, const scalar_t* k, int64_t D) {
   acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8)
@@ -70,7 +67,7 @@ struct Scratch {
 // Row t: all its query heads over the row's visible slots. Slot by slot, every key/value head is read while the
 // slot's row of the cache ([Hkv, D], contiguous) is in cache: the pool's layout puts a slot's heads together.
 template <typename scalar_t, typename acc_t>
-MEM1_PA_INLINE void attend(const Paged<scalar_t>& P, int64_t t, Scratch<acc_t>& S) {
+MEM1_INLINE void attend(const Paged<scalar_t>& P, int64_t t, Scratch<acc_t>& S) {
   const int64_t D = P.D, Hq = P.Hq, G = P.G, K = P.K, BS = P.BS, HD = P.Hkv * D;
   const int64_t b = P.SEQ[t];
   TORCH_CHECK(b >= 0 && b < P.B, "paged_attention: seq[", t, "] = ", b, " is not a row of the block table");
@@ -133,12 +130,12 @@ void attend_generic(const Paged<scalar_t>& P, int64_t t, Scratch<acc_t>& S) {
   attend<scalar_t, acc_t>(P, t, S);
 }
 
-#if MEM1_PA_X86
+#if MEM1_X86
 // The same body compiled for AVX2 + FMA (8 fp32 lanes): the extension is built without -march flags, so this is
 // the one place the fp32 path gets wide vectors; chosen at run time when the CPU has them.
-__attribute__((target("avx2,fma"))) void attend_f32_avx2(const Paged<float>& P, int64_t t, Scratch<float>& S) {
-  attend<float, float>(P, t, S);
-}
+MEM1_TARGET_PUSH_AVX2
+void attend_f32_avx2(const Paged<float>& P, int64_t t, Scratch<float>& S) { attend<float, float>(P, t, S); }
+MEM1_TARGET_POP
 #endif
 
 template <typename scalar_t, typename acc_t>
@@ -150,9 +147,9 @@ void paged_rows(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                           hi.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), Hq, q.size(2), kc.size(0), kc.size(1),
                           Hkv, Hq / Hkv, lo.size(1), table.size(0), table.size(1), scale};
   void (*fn)(const Paged<scalar_t>&, int64_t, Scratch<acc_t>&) = &attend_generic<scalar_t, acc_t>;
-#if MEM1_PA_X86
+#if MEM1_X86
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) fn = &attend_f32_avx2;
+    if (simd::best_isa() >= simd::kIsaAvx2) fn = &attend_f32_avx2;
   }
 #endif
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {

@@ -13,9 +13,11 @@
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized (their `__Y = __Y` idiom) once inlined; the
-// diagnostic is reported at the header's lines, so it is silenced before any header is included.
+// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized and -Wuninitialized (their `__Y = __Y` idiom for
+// an undefined vector) once inlined; the diagnostic is reported at the header's lines, so it is silenced before any
+// header is included.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include <ATen/Version.h>
