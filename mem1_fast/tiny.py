@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from . import hf  # noqa: F401  (registers the mem1_fast attention)
@@ -23,7 +23,9 @@ from . import hf  # noqa: F401  (registers the mem1_fast attention)
 SPECIALS = ["<unk>", "<pad>", "<eos>"]
 
 
-def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+def word_tokenizer(words: Sequence[str], punctuation: str = "") -> PreTrainedTokenizerFast:
+    """Word-level over `words` (whitespace-separated); each character of `punctuation` is also split off as a word
+    of its own (the shopping task's `click[b07]` is click [ b07 ])."""
     vocab = {}
     for w in list(SPECIALS) + list(words):
         if w in vocab:
@@ -33,6 +35,9 @@ def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if punctuation:
+        chars = Regex("[" + "".join("\\" + c for c in punctuation) + "]")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer, pre_tokenizers.Split(chars, "isolated")])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
 
@@ -55,9 +60,9 @@ def bpe_tokenizer(texts: Sequence[str], vocab_size: int = 1000):
     return Qwen2Tokenizer(vocab=bpe["vocab"], merges=merges)
 
 
-def default_vocabulary() -> list[str]:
-    from .tasks.synthetic import vocabulary
-    return vocabulary()
+def default_vocabulary(task: str = "synthetic") -> list[str]:
+    from . import tasks
+    return tasks.get(task).vocabulary()
 
 
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -88,14 +93,16 @@ def tiny_qwen2(vocab_size: int, **kw) -> Qwen2ForCausalLM:
     return tiny_model(vocab_size, arch="qwen2", **kw)
 
 
-def default_agent(seed: int = 0):
+def default_agent(seed: int = 0, task: str = "synthetic"):
     """The trainer's default model: the tiny Llama with full multi-head attention (4 key/value heads, 0.47M
     parameters). With 2 key/value heads, the warm start on the synthetic task formed its copy lookups (an entity from
     an observation into the state) within 1000 steps for some seeds only; with 4 it did for every seed tried."""
-    return tiny_model_and_tokenizer(seed=seed, kv_heads=4)
+    from . import tasks
+    cls = tasks.get(task)
+    return tiny_model_and_tokenizer(cls.vocabulary(), punctuation=cls.PUNCTUATION, seed=seed, kv_heads=4)
 
 
-def tiny_model_and_tokenizer(words: Sequence[str] | None = None, **kw):
-    tok = word_tokenizer(default_vocabulary() if words is None else words)
+def tiny_model_and_tokenizer(words: Sequence[str] | None = None, punctuation: str = "", **kw):
+    tok = word_tokenizer(default_vocabulary() if words is None else words, punctuation)
     model = tiny_model(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
     return model, tok

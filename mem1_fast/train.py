@@ -1,6 +1,7 @@
 """Single-file PPO trainer for MEM1 agents, read top to bottom.
 
     python -m mem1_fast.train                 # CPU default: tiny Llama, synthetic multi-hop QA, in-process BM25
+    python -m mem1_fast.train --task webshop  # the same on WebShop-style shopping
     python -m mem1_fast.train --advantage gae # PPO with a critic and GAE, as MEM1 trains
     python -m mem1_fast.train --help          # every option
     torchrun --nproc-per-node 8 -m mem1_fast.train --model DIR ...   # FSDP2 over ranks (mem1_fast/distributed.py)
@@ -43,15 +44,16 @@ from .consolidation import EXACT_MODES
 class TaskOptions:
     """The task and its retrieval (the options `mem1_fast.eval` shares)."""
     task: str = "synthetic"
-    """'synthetic' (fresh random world per episode) or a MEM1-format parquet file (needs --corpus or --retriever-url)"""
+    """a generated task: 'synthetic' (multi-hop QA, a fresh random world per episode) or 'webshop' (WebShop-style
+    shopping, a fresh random catalog per episode); or a MEM1-format parquet file (needs --corpus or --retriever-url)"""
     corpus: str = ""
     """JSONL corpus in MEM1 format for in-process BM25 (parquet tasks)"""
     retriever_url: str = ""
     """MEM1-style HTTP retriever (POST /retrieve) instead of in-process BM25 (parquet tasks)"""
     topk: int = 3
-    """documents per search (parquet tasks; the synthetic task sets its own)"""
+    """documents per search (parquet tasks; generated tasks set their own)"""
     max_turns: int = 6
-    """turn limit for parquet tasks (the synthetic task's is the expert's turns + 2)"""
+    """turn limit for parquet tasks (a generated task's is the expert's turns + 2)"""
     obs_max_tokens: int = 1000
     """token budget of one observation for parquet tasks (documents are cut to fit, tags and hint kept)"""
 
@@ -63,19 +65,20 @@ class Args(TaskOptions):
     seed: int = 0
     """seed for task sampling, sampling and initialization"""
     model: str = ""
-    """local HF model directory; empty = a tiny Llama built offline over the synthetic task's vocabulary"""
+    """local HF model directory; empty = a tiny Llama built offline over the generated task's vocabulary (the
+    synthetic task's for a parquet task)"""
     mode: Literal[EXACT_MODES] = "recompute"
     """consolidation mode (docs/design.md §3): what the engine keeps and the exact training layout; 'full' is the
     full-context baseline (every turn keeps the whole history)"""
     engine: Literal[rollout.names()] = "hf"
     """rollout engine: 'hf' runs the trainer's own model (exact log-probs); 'paged' too, over a paged KV cache"""
     n_min: int = 1
-    """fewest objectives (questions) per synthetic episode"""
+    """fewest objectives (questions, purchases) per generated episode"""
     n_max: int = 4
-    """most objectives per synthetic episode (training never sees more; evaluation goes past it)"""
+    """most objectives per generated episode (training never sees more; evaluation goes past it)"""
     rl_n_min: int = 0
-    """synthetic task: fewest objectives of an RL episode (0 = max(--n-min, --n-max - 1)): RL samples where the warm
-    start still errs, with a budget of the expert's turns (one per hop, one per answer) + 2"""
+    """generated tasks: fewest objectives of an RL episode (0 = max(--n-min, --n-max - 1)): RL samples where the warm
+    start still errs, with a budget of the expert's turns + 2"""
     steps: int = 80
     """RL steps"""
     episodes_per_step: int = 16
@@ -135,16 +138,17 @@ class Args(TaskOptions):
     """score rollouts with a forward pass instead of the sampled log-probs; on by itself when the engine says
     its log-probs are not the trainer's (e.g. bf16 vLLM vs fp32 training)"""
     sft_steps: int = 800
-    """synthetic task only: supervised warm start on scripted-expert trajectories before RL (800 steps: about 6
-    minutes on 2 CPU cores)"""
+    """generated tasks only: supervised warm start on scripted-expert trajectories before RL (800 steps on the
+    synthetic task: about 6 minutes on 2 CPU cores)"""
     sft_batch: int = 32
     """expert episodes per SFT step"""
     sft_lr: float = 2e-3
     """SFT learning rate (AdamW, linear warm-up then cosine)"""
     sft_teacher_shortcut: float = 0.6
-    """SFT only: the scripted teacher is hasty: on each two-hop question, with this probability, it answers with the
-    entity of the first hop (the bridge entity: a weaker teacher's classic multi-hop mistake). Imitation learns the
-    habit; RL, rewarded for correct answers, has to unlearn it. 0 = a perfect teacher"""
+    """SFT only: the scripted teacher is hasty: with this probability it makes its task's mistake (synthetic: on a
+    two-hop question it answers with the entity of the first hop, a weaker teacher's classic multi-hop mistake;
+    webshop: it buys without selecting the color and size). Imitation learns the habit; RL, rewarded for the
+    task's score, has to unlearn it. 0 = a perfect teacher"""
     sft_position_jitter: int = 64
     """SFT only: every expert trajectory's tokens after the question get their positions shifted by a random
     0..this (PoSE-style skipped positions), so the lookups into the question are learned at the distances that
@@ -154,9 +158,9 @@ class Args(TaskOptions):
     eval_every: int = 40
     """RL steps between greedy evaluations (0 = never)"""
     eval_episodes: int = 64
-    """fresh episodes per evaluation (synthetic: per number of objectives)"""
+    """fresh episodes per evaluation (generated tasks: per number of objectives)"""
     eval_objectives: str = "1,2,4,8"
-    """synthetic task: the numbers of objectives each evaluation covers (comma-separated; may lie past --n-max),
+    """generated tasks: the numbers of objectives each evaluation covers (comma-separated; may lie past --n-max),
     each with a budget of the expert's turns + 2"""
     save_every: int = 10
     """RL steps between checkpoints (a final one is always written)"""
@@ -183,7 +187,7 @@ class UsageError(ValueError):
 
 def check_args(args: Args) -> None:
     """Option values and combinations (cheap; files are read by load_task and load_model_and_tokenizer)."""
-    from .tasks.synthetic import MAX_TURNS
+    from . import tasks
 
     def need(ok: bool, option: str, problem: str):
         if not ok:
@@ -215,20 +219,24 @@ def check_args(args: Args) -> None:
     need(not (args.kl_in == "loss" and args.kl_estimator == "k1"), "--kl-estimator",
          "k1 as a loss term has zero expected gradient (E[grad log p] = 0); the loss term is k3, "
          "k1 goes in the reward (--kl-in reward)")
-    if args.task == "synthetic":
+    if args.task in tasks.names():
         need(args.n_min >= 1, "--n-min", f"{args.n_min}: an episode needs at least 1 objective")
         need(args.n_max >= args.n_min, "--n-max", f"{args.n_max} is smaller than --n-min {args.n_min}")
         need(args.rl_n_min == 0 or args.n_min <= args.rl_n_min <= args.n_max, "--rl-n-min",
              f"{args.rl_n_min} must lie in --n-min..--n-max ({args.n_min}..{args.n_max}) or be 0")
-        need(3 * args.n_max + 2 <= MAX_TURNS, "--n-max", f"{args.n_max}: up to 3N + 2 turns must fit the task's "
-             f"{MAX_TURNS}-turn limit (N <= {(MAX_TURNS - 2) // 3})")
+        try:
+            tasks.get(args.task)(n_range=(args.n_min, args.n_max), slack=2)
+        except ValueError as e:
+            raise UsageError(f"--n-max: {args.n_max} objectives of task {args.task!r}: {e}") from None
         need(0 <= args.sft_teacher_shortcut <= 1, "--sft-teacher-shortcut",
              f"{args.sft_teacher_shortcut} is a probability: it must lie in [0, 1]")
         from .eval import parse_objectives
-        parse_objectives(args.eval_objectives, "--eval-objectives")
+        parse_objectives(args.eval_objectives, "--eval-objectives", args.task)
         need(not args.corpus and not args.retriever_url, "--corpus/--retriever-url",
-             "the synthetic task builds its own documents per episode; these options are for parquet tasks")
+             f"the {args.task} task builds its own documents per episode; these options are for parquet tasks")
     else:
+        need(Path(args.task).is_file(), "--task", f"{args.task!r} is neither a generated task "
+             f"({', '.join(tasks.names())}) nor an existing parquet file")
         need(bool(args.corpus) != bool(args.retriever_url), "--corpus/--retriever-url",
              "a parquet task needs exactly one of --corpus (in-process BM25) or --retriever-url (HTTP)")
         if args.retriever_url:
@@ -262,16 +270,15 @@ def check_args(args: Args) -> None:
 
 
 def load_task(args: Args):
-    """The task's data, read and checked: the synthetic task, or the parquet examples with their retriever."""
-    if args.task == "synthetic":
-        from .tasks.synthetic import MAX_TURNS, SyntheticTask
+    """The task's data, read and checked: a generated task, or the parquet examples with their retriever."""
+    from . import tasks
+    if args.task in tasks.names():
+        cls = tasks.get(args.task)
         # every turn budget up to the task's limit, so no hint number is new when evaluated at a larger N
-        return SyntheticTask(seed=args.seed, n_range=(args.n_min, args.n_max), slack=(2, MAX_TURNS)), None
+        return cls(seed=args.seed, n_range=(args.n_min, args.n_max), slack=(2, cls.MAX_TURNS)), None
     from .retrieval import BM25Retriever, HttpRetriever, load_corpus
     from .tasks.qa import load_mem1_parquet
     path = Path(args.task)
-    if not path.is_file():
-        raise UsageError(f"--task: {args.task!r} is neither 'synthetic' nor an existing parquet file")
     try:
         examples = load_mem1_parquet(path)
     except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -297,8 +304,9 @@ def load_model_and_tokenizer(args: Args):
     """The tiny default, or a local HF model directory: its tokenizer first (cheap), then the model."""
     from . import hf
     if not args.model:
+        from . import tasks
         from .tiny import default_agent
-        return default_agent(args.seed)
+        return default_agent(args.seed, args.task if args.task in tasks.names() else "synthetic")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(args.model)
     if not (path / "config.json").is_file():
@@ -336,14 +344,13 @@ def qa_episode_maker(args: Args, retriever, tok):
                                              obs_budget=args.obs_max_tokens, count_tokens=count)
 
 
-def probe_texts(sample_episodes, tok) -> list[str]:
-    """Task text a reloaded tokenizer must encode to the same ids: a prompt, and for the synthetic task a whole
+def probe_texts(sample_episodes, task_cls=None) -> list[str]:
+    """Task text a reloaded tokenizer must encode to the same ids: a prompt, and for a generated task a whole
     expert episode (states, actions, observations)."""
     ep = sample_episodes(random.Random(0), 1)[0]
     texts = [ep.prompt]
-    if hasattr(ep, "plan"):
-        from .tasks.synthetic import expert_trajectory
-        texts += [g + " " + o for g, o in expert_trajectory(ep)]
+    if task_cls is not None:
+        texts += [g + " " + o for g, o in task_cls.expert_trajectory(ep)]
     return texts
 
 
@@ -363,7 +370,7 @@ def main(args: Args):
     from .consolidation import pack
     from .critic import Critic, ValueHead, value_loss
     from .eval import evaluate as evaluate_episodes
-    from .eval import TIMINGS, parse_objectives, synthetic_episodes
+    from .eval import TIMINGS, generated_episodes, headline, parse_objectives
     from .ops import ppo_loss
     from .rollout import full_state_dict
     from .scoring import PackedLM
@@ -380,13 +387,13 @@ def main(args: Args):
     resuming = ckpt_io.has_state(ckpt)
     model, tok = load_model_and_tokenizer(dataclasses.replace(args, model=str(ckpt)) if resuming else args)
     sample_episodes = episode_sampler(args, task, retriever, tok)
-    if retriever is None:  # RL on the synthetic task: the largest trained N, MEM1's turn budget
-        from .tasks.synthetic import SyntheticTask
+    task_cls = type(task) if retriever is None else None  # a generated task
+    if task_cls is not None:  # RL on a generated task: the largest trained N, MEM1's turn budget
         lo = args.rl_n_min or max(args.n_min, args.n_max - 1)
-        rl_episodes = episode_sampler(args, SyntheticTask(seed=args.seed, n_range=(lo, args.n_max)), None, tok)
+        rl_episodes = episode_sampler(args, task_cls(seed=args.seed, n_range=(lo, args.n_max)), None, tok)
     else:
         rl_episodes = sample_episodes
-    probes = probe_texts(sample_episodes, tok)
+    probes = probe_texts(sample_episodes, task_cls)
     why = ckpt_io.reload_mismatch(tok, probes, config=model.config)  # checkpoints must reload as this: say so now
     if why:
         raise UsageError(f"--model: AutoTokenizer would not reload the tokenizer of {args.model or 'the tiny model'!r} "
@@ -459,8 +466,8 @@ def main(args: Args):
         """(batch, weight) for this rank's micro-batch passes, padded so every rank runs as many (FSDP2)."""
         return distributed.pad_passes(batches, d)
 
-    # ---- phase 1: supervised warm start on scripted-expert trajectories (synthetic task) ----------------------
-    do_sft = args.task == "synthetic" and args.sft_steps > 0 and state["phase"] == "sft"
+    # ---- phase 1: supervised warm start on scripted-expert trajectories (generated tasks) ----------------------
+    do_sft = task_cls is not None and args.sft_steps > 0 and state["phase"] == "sft"
     if do_sft:
         opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_lr, betas=(0.9, 0.98), weight_decay=0.01)
         if saved is not None and state["sft_step"] > 0:
@@ -471,7 +478,7 @@ def main(args: Args):
                    disable=not lead)
         for step in bar:
             t0 = time.time()
-            trajs = [expert_as_trajectory(ep, tok, args.sft_teacher_shortcut, rng)
+            trajs = [expert_as_trajectory(task_cls, ep, tok, args.sft_teacher_shortcut, rng)
                      for ep in sample_episodes(rng, args.sft_batch)]
             policy.train()
             total_tokens = d.sum(sum(t.num_generated() for t in trajs))  # over every rank's expert tokens
@@ -538,7 +545,7 @@ def main(args: Args):
     recompute_old = args.recompute_old_logprobs or not engine.exact_logprobs or args.bf16
     whiten = args.whiten_advantages == "yes" or (args.whiten_advantages == "auto" and critic is not None)
     eval_rng_seed = args.seed + 10_000
-    eval_ns = parse_objectives(args.eval_objectives, "--eval-objectives") if args.task == "synthetic" else []
+    eval_ns = parse_objectives(args.eval_objectives, "--eval-objectives", args.task) if task_cls is not None else []
 
     def sample(episodes, greedy: bool, seed: int | None = None):
         replica.eval()
@@ -547,12 +554,13 @@ def main(args: Args):
                                         greedy=greedy, seed=seed)
 
     def evaluate(step):
-        """Greedy episodes on rank 0's engine (the others wait), summarized by mem1_fast.eval: for the synthetic
+        """Greedy episodes on rank 0's engine (the others wait), summarized by mem1_fast.eval: for a generated
         task fresh episodes at each N of --eval-objectives (held-out N too), else the task's own."""
         rec = None
         if lead:
-            if args.task == "synthetic":
-                groups = {f"n{n}/": synthetic_episodes(n, args.eval_episodes, eval_rng_seed) for n in eval_ns}
+            if task_cls is not None:
+                groups = {f"n{n}/": generated_episodes(args.task, n, args.eval_episodes, eval_rng_seed)
+                          for n in eval_ns}
             else:
                 groups = {"": sample_episodes(random.Random(eval_rng_seed), args.eval_episodes)}
             rec, everything = {"phase": "eval", "step": step}, []
@@ -560,14 +568,15 @@ def main(args: Args):
             for key, episodes in groups.items():
                 m, trajs = evaluate_episodes(engine, tok, episodes, args.max_turns)
                 everything += trajs
-                if key:  # one group per N (synthetic); clocks under time/, like every other clock
+                if key:  # one group per N (generated tasks); clocks under time/, like every other clock
                     rec.update({f"{'time/' if k in TIMINGS else ''}eval/{key}{k}": v for k, v in m.items()})
             rec.update(episode_metrics(everything, "eval"))  # pooled over every group
             log(rec)
-            per_n = [f"N={k[:-1].removeprefix('n')} {rec[f'eval/{k}em_per_objective']:.2f} "
+            h = headline(everything)  # the task's headline metric: em (QA), score (shopping)
+            per_n = [f"N={k[:-1].removeprefix('n')} {rec[f'eval/{k}{h}_per_objective']:.2f} "
                      f"({rec[f'eval/{k}peak_kv_tokens']:.0f} KV)" for k in groups if k]
-            tqdm.write(f"eval at RL step {step}: EM/objective " + (", ".join(per_n) if per_n else
-                       f"{rec['eval/em_per_objective']:.3f}") + f"; answered {rec['eval/answered']:.2f}")
+            tqdm.write(f"eval at RL step {step}: {h}/objective " + (", ".join(per_n) if per_n else
+                       f"{rec[f'eval/{h}_per_objective']:.3f}") + f"; answered {rec['eval/answered']:.2f}")
         d.barrier()
         return rec
 
@@ -728,8 +737,9 @@ def main(args: Args):
                "time/trained_tokens_per_s": sum(lengths) * args.ppo_epochs / max(elapsed - t_rollout, 1e-9)}
         rec = distributed.mean_record(rec, d)  # every rank's rollouts and losses
         log(rec)
-        bar.set_postfix(reward=f"{rec['rollout/reward']:.2f}", em=f"{rec['rollout/em_per_objective']:.2f}",
-                        turns=f"{rec['rollout/turns']:.1f}")
+        h = headline(trajs)
+        bar.set_postfix({"reward": f"{rec['rollout/reward']:.2f}", h: f"{rec[f'rollout/{h}_per_objective']:.2f}",
+                         "turns": f"{rec['rollout/turns']:.1f}"})
         if args.eval_every and (step + 1) % args.eval_every == 0:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0:
@@ -751,16 +761,15 @@ def skip_positions(batch, gaps: torch.Tensor) -> None:
     batch.position_ids[after] += gaps[batch.traj_ids[after]]
 
 
-def expert_as_trajectory(episode, tok, shortcut: float = 0.0, rng: random.Random | None = None):
-    """A scripted-expert episode as a Trajectory (log-probs unknown: zeros); `shortcut`: the hasty teacher's rate
-    (tasks/synthetic.py). The expert's text is tokenized once here; it was never sampled, so there is nothing to
-    keep token-identical to."""
-    from .tasks.synthetic import expert_trajectory
+def expert_as_trajectory(task_cls, episode, tok, shortcut: float = 0.0, rng: random.Random | None = None):
+    """A scripted-expert episode of a generated task as a Trajectory (log-probs unknown: zeros); `shortcut`: the
+    hasty teacher's rate (the task's file says what it gets wrong). The expert's text is tokenized once here; it was
+    never sampled, so there is nothing to keep token-identical to."""
     from .trajectory import Trajectory, split_generation, think_splitter
     split = think_splitter(tok)
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     triples = [("PROMPT", 0, enc(episode.prompt))]
-    for j, (gen, obs) in enumerate(expert_trajectory(episode, shortcut, rng)):
+    for j, (gen, obs) in enumerate(task_cls.expert_trajectory(episode, shortcut, rng)):
         state, action = split_generation(enc(gen), split)
         triples += [("STATE", j, state), ("ACTION", j, action)]
         if obs:
@@ -768,8 +777,20 @@ def expert_as_trajectory(episode, tok, shortcut: float = 0.0, rng: random.Random
     return Trajectory.from_triples(triples)
 
 
+def task_args(task: str = "synthetic", **kw) -> Args:
+    """Args as `--task TASK` gives them: a generated task's recipe (its `RECIPE`: the option defaults it was tuned
+    with) in place of the global defaults, then `kw`."""
+    from . import tasks
+    recipe = tasks.get(task).RECIPE if task in tasks.names() else {}
+    return Args(task=task, **{**recipe, **kw})
+
+
 def cli(argv: list[str] | None = None) -> None:
-    args = tyro.cli(Args, args=argv)
+    import argparse
+    pre = argparse.ArgumentParser(add_help=False)  # --task first: its recipe sets the other options' defaults
+    pre.add_argument("--task", default=Args.task)
+    task = pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].task
+    args = tyro.cli(Args, args=argv, default=task_args(task))
     try:
         main(args)
     except UsageError as e:  # one line, status 2, no traceback

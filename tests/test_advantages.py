@@ -118,7 +118,7 @@ def test_value_loss_by_hand():
 def expert_trajs(n, seed=0):
     model, tok = tiny_model_and_tokenizer(seed=0)
     task, rng = SyntheticTask(seed=seed, n_range=(1, 2)), random.Random(seed)
-    return model, [expert_as_trajectory(task.sample(rng), tok) for _ in range(n)]
+    return model, [expert_as_trajectory(type(task), task.sample(rng), tok) for _ in range(n)]
 
 
 @pytest.mark.parametrize("mode", EXACT_MODES)

@@ -88,10 +88,10 @@ def test_an_episode_that_takes_one_answer_per_objective():
     hops = sum(len(r) for _, r in full.plan)
     assert t_full.info.answered and t_full.info.finish == "answer" and t_full.reward == 3.0
     assert t_full.info.turns == hops + 3 and t_full.info.searches == hops
-    assert t_full.info.per_objective_em == [1.0, 1.0, 1.0]
+    assert t_full.info.per_objective == [1.0, 1.0, 1.0]
     replies = [o for o in eng.seen_obs[0] if "<q>" in o]  # the replies to answers 1 and 2: the next questions
     assert [r.split("[/HINT] ")[1] for r in replies] == [q + " </information>" for q in full.questions[1:]]
     assert not t_short.info.answered and t_short.info.finish == "turn budget spent after 2 answers"
-    assert t_short.info.per_objective_em == [1.0, 1.0, 0.0] and t_short.reward == 2.0
+    assert t_short.info.per_objective == [1.0, 1.0, 0.0] and t_short.reward == 2.0
     assert t_short.segments[-1].kind == Kind.ACTION  # no reply after the budget's last turn
-    assert not t_bad.info.valid and t_bad.info.per_objective_em == [1.0, 0.0, 0.0] and t_bad.reward == 1.0
+    assert not t_bad.info.valid and t_bad.info.per_objective == [1.0, 0.0, 0.0] and t_bad.reward == 1.0

@@ -50,7 +50,7 @@ def test_cli_writes_json_table_and_plots_and_full_context_grows(checkpoints, tmp
     assert full["mode"] == "full"
     rec, full = recs[0]["results"]["3"], full["results"]["3"]
     assert rec["turns"] > 1.5 and full["turns"] > 1.5, "the model must search for the comparison to mean anything"
-    assert full["peak_kv_tokens"] > rec["peak_kv_tokens"]  # exact accounting: test_peak_kv_tokens_match_the_trajectories
+    assert full["peak_kv_tokens"] > rec["peak_kv_tokens"]  # exact: test_peak_kv_tokens_match_the_trajectories
     for name in ("em_vs_objectives.png", "peak_kv_vs_objectives.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -74,21 +74,21 @@ def oracle_peak(traj, mode: str) -> int:
 def test_peak_kv_tokens_match_the_trajectories(checkpoints, mode):
     model, tok = train.load_model_and_tokenizer(train.Args(model=str(checkpoints[mode])))
     engine = rollout.create("hf", model, tok, mode, max_new_tokens=24)
-    episodes = ev.synthetic_episodes(3, 6, seed=123)
+    episodes = ev.generated_episodes("synthetic", 3, 6, seed=123)
     m, trajs = ev.evaluate(engine, tok, episodes, greedy=False, seed=1)
     assert max(t.num_turns for t in trajs) >= 2
     peaks = [oracle_peak(t, mode) for t in trajs]
     assert [t.info.peak_kv_tokens for t in trajs] == peaks
     assert m["peak_kv_tokens"] == pytest.approx(sum(peaks) / len(peaks)) and m["peak_kv_tokens_max"] == max(peaks)
-    assert m["em_per_objective"] == pytest.approx(sum(t.info.em for t in trajs) / (3 * len(trajs)))
+    assert m["em_per_objective"] == pytest.approx(sum(t.info.metrics["em"] for t in trajs) / (3 * len(trajs)))
 
 
 def test_the_same_episodes_for_every_checkpoint_and_seed_dependent():
-    a = [e.prompt for e in ev.synthetic_episodes(4, 5, seed=7)]
-    assert a == [e.prompt for e in ev.synthetic_episodes(4, 5, seed=7)]
-    assert a != [e.prompt for e in ev.synthetic_episodes(4, 5, seed=8)]
+    a = [e.prompt for e in ev.generated_episodes("synthetic", 4, 5, seed=7)]
+    assert a == [e.prompt for e in ev.generated_episodes("synthetic", 4, 5, seed=7)]
+    assert a != [e.prompt for e in ev.generated_episodes("synthetic", 4, 5, seed=8)]
     from mem1_fast.tasks.synthetic import expert_generations
-    eps = ev.synthetic_episodes(4, 5, seed=7)
+    eps = ev.generated_episodes("synthetic", 4, 5, seed=7)
     assert all(e.max_turns == len(expert_generations(e)) + 2 for e in eps)  # the teacher's turns + 2 at test time
 
 
@@ -136,8 +136,51 @@ def test_trainer_evaluation_uses_the_same_summary(checkpoints):
     """The trainer's eval records are eval.summarize's metrics under eval/ (one code path)."""
     model, tok = train.load_model_and_tokenizer(train.Args(model=str(checkpoints["recompute"])))
     engine = rollout.create("hf", model, tok, "recompute", max_new_tokens=24)
-    episodes = ev.synthetic_episodes(2, 4, seed=random.Random(0).randrange(1000))
+    episodes = ev.generated_episodes("synthetic", 2, 4, seed=random.Random(0).randrange(1000))
     m, trajs = ev.evaluate(engine, tok, episodes)
     rec = train.episode_metrics(trajs, "eval")
     assert {k.removeprefix("eval/") for k in rec} <= set(m)
     assert all(rec[f"eval/{k}"] == m[k] for k in ("em_per_objective", "peak_kv_tokens", "turns"))
+
+
+@pytest.fixture(scope="module")
+def shop_checkpoints(tmp_path_factory):
+    """Short webshop runs (the MEM1 agent and the full-context one): enough SFT for searches and clicks."""
+    out = {}
+    for mode in ("recompute", "full"):
+        d = tmp_path_factory.mktemp(f"shop_{mode}")
+        train.main(train.task_args("webshop", output_dir=str(d), mode=mode, sft_steps=80, sft_batch=8, sft_lr=5e-3,
+                                   steps=0, eval_every=0, tensorboard=False))
+        out[mode] = d / "checkpoint"
+    return out
+
+
+def test_webshop_eval_reports_score_and_success_per_number_of_purchases(shop_checkpoints, tmp_path, capsys):
+    out = tmp_path / "eval"
+    ev.cli(["--task", "webshop", "--checkpoint", str(shop_checkpoints["recompute"]), str(shop_checkpoints["full"]),
+            "--objectives", "1,3", "--episodes", "5", "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    recs = json.loads((out / "eval.json").read_text())["records"]
+    assert [r["mode"] for r in recs] == ["recompute", "full"] and all(r["metric"] == "score" for r in recs)
+    for r in recs:
+        for n, m in r["results"].items():
+            assert {"score_per_objective", "success_per_objective", "score_by_position", "peak_kv_tokens"} <= set(m)
+            assert "em_per_objective" not in m and len(m["score_by_position"]) == int(n)
+            assert 0 <= m["success_per_objective"] <= m["score_per_objective"] <= 1
+    head = printed.splitlines()[-len(recs) * 2 - 2]
+    assert "score" in head and "success" in head and "EM" not in head
+    rec, full = recs[0]["results"]["3"], recs[1]["results"]["3"]
+    assert rec["turns"] > 3 and full["turns"] > 3, "the agents must browse for the comparison to mean anything"
+    assert full["peak_kv_tokens"] > 1.5 * rec["peak_kv_tokens"]  # the full-context agent keeps every page
+    for name in ("score_vs_objectives.png", "peak_kv_vs_objectives.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "em_vs_objectives.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["recompute", "full"])
+def test_webshop_peak_kv_tokens_match_the_trajectories(shop_checkpoints, mode):
+    model, tok = train.load_model_and_tokenizer(train.Args(model=str(shop_checkpoints[mode])))
+    engine = rollout.create("hf", model, tok, mode, max_new_tokens=24)
+    m, trajs = ev.evaluate(engine, tok, ev.generated_episodes("webshop", 2, 5, seed=3), greedy=False, seed=1)
+    assert max(t.num_turns for t in trajs) >= 3
+    assert [t.info.peak_kv_tokens for t in trajs] == [oracle_peak(t, mode) for t in trajs]

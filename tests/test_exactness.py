@@ -68,10 +68,10 @@ def engine_rollouts(model, tok, mode, temperature, seed, n=6, turns=4, engine="h
     return [Trajectory.from_triples(t, l) for t, l in zip(trips, lps)]
 
 
-def max_error(model, trajs, layout_mode, temperature):
+def max_error(model, trajs, layout_mode, temperature, max_tokens=400):
     errs = []
     with torch.no_grad():
-        for b in pack(trajs, layout_mode, max_tokens=400):
+        for b in pack(trajs, layout_mode, max_tokens=max_tokens):
             logp, _ = score_batch(model, b, temperature)
             errs.append((logp - b.old_logprobs[b.loss_positions()]).abs().max().item())
     return max(errs)
@@ -105,6 +105,37 @@ def test_paper_has_no_kv_plan_and_no_engine_serves_it():
     tok = word_tokenizer(WORDS)
     with pytest.raises(ValueError, match="matches no rollout"):
         rollout.create("hf", tiny_qwen2(len(tok)), tok, "paper")
+
+
+@pytest.fixture(scope="module")
+def shopper(tmp_path_factory):
+    """A tiny model warm-started briefly on the shopping expert: enough for well-formed multi-turn episodes
+    (search, clicks, purchases) whose pages the engines must then carry exactly."""
+    from mem1_fast import train
+    out = tmp_path_factory.mktemp("shopper")
+    model, tok = train.main(train.Args(task="webshop", output_dir=str(out), sft_steps=80, sft_batch=8, sft_lr=5e-3,
+                                       steps=0, eval_every=0, tensorboard=False, n_max=2))
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("engine,mode", PAIRS)
+def test_webshop_rollouts_are_exact(engine, mode, shopper):
+    """The agent loop on the shopping task: every page (results, item pages, the next instruction after a
+    purchase) scored under the context the engine sampled in, for every exact (mode x engine) pair."""
+    from mem1_fast.tasks.webshop import ShopTask
+    model, tok = shopper
+    rng = random.Random(0)
+    base = [ShopTask(seed=1, n_range=(1, 2)).sample(rng) for _ in range(4)]
+    episodes = [ep for ep in base for _ in range(2)]  # groups of 2 share their episode (and question)
+    _, kw, tol = SETUP.get(engine, ("llama", {}, 1e-4))
+    eng = rollout.create(engine, model, tok, mode, max_new_tokens=16, temperature=1.0, seed=11, **kw)
+    trajs = run_episodes(eng, tok, episodes, AgentConfig())
+    assert max(t.num_turns for t in trajs) >= 3 and sum(t.info.searches for t in trajs) >= 4  # pages were read
+    errs = {m: max_error(model, trajs, m, 1.0, max_tokens=4096) for m in EXACT_MODES}  # full-layout pages are long
+    assert errs[mode] <= tol, errs
+    for other in EXACT_MODES:  # negative controls
+        if other != mode:
+            assert errs[other] > 1e-2, errs
 
 
 @pytest.mark.parametrize("engine,mode", PAIRS)

@@ -158,17 +158,17 @@ def test_em_f1_aliases():
 def test_score_answers_positional():
     targets = [["paris"], ["london", "City of London"], ["rome"]]
     s = score_answers("Paris; the city of London; rome", targets)
-    assert (s.em, s.per_objective_em, s.n_pred) == (3.0, [1.0, 1.0, 1.0], 3)
+    assert (s.reward, s.per_objective, s.metrics) == (3.0, [1.0, 1.0, 1.0], {"em": 3.0, "f1": 3.0})
     s = score_answers("london; paris; rome", targets)  # order matters
-    assert (s.em, s.per_objective_em) == (1.0, [0.0, 0.0, 1.0])
+    assert (s.reward, s.per_objective) == (1.0, [0.0, 0.0, 1.0])
     s = score_answers("paris; london", targets)  # missing -> 0
-    assert (s.em, s.per_objective_em, s.n_pred, s.n) == (2.0, [1.0, 1.0, 0.0], 2, 3)
-    s = score_answers("paris; london; rome; madrid", targets)  # extra ignored, counted
-    assert (s.em, s.n_pred) == (3.0, 4)
+    assert (s.reward, s.per_objective, s.n) == (2.0, [1.0, 1.0, 0.0], 3)
+    s = score_answers("paris; london; rome; madrid", targets)  # extra ignored
+    assert (s.reward, s.per_objective) == (3.0, [1.0, 1.0, 1.0])
     s = score_answers("  ", targets)
-    assert (s.em, s.f1, s.n_pred) == (0.0, 0.0, 0)
+    assert (s.reward, s.metrics) == (0.0, {"em": 0.0, "f1": 0.0})
     s = score_answers("paris; new london", targets)
-    assert s.f1 == pytest.approx(1.0 + 2 / 3) and s.per_objective_f1[2] == 0.0
+    assert s.metrics["f1"] == pytest.approx(1.0 + 2 / 3) and s.metrics["em"] == s.reward == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ MEM1 parquet
@@ -194,7 +194,7 @@ def test_parquet_roundtrip(tmp_path):
     assert [e.targets for e in ex] == [[["a1", "A one"], ["a2"]], [["a3"], ["a4", "b4"]]]
     assert ex[1].data_source == "hotpotqa" and ex[0].extra_info == {"split": "train", "indices": [0, 1]}
     assert ex[0].text.endswith("q1?; q2?\n") and ex[0].prompt[0]["role"] == "user"
-    assert score_answers("A one; a2", ex[0].targets).em == 2
+    assert score_answers("A one; a2", ex[0].targets).reward == 2
 
 
 def test_parquet_missing_column(tmp_path):
@@ -299,7 +299,7 @@ def test_expert_succeeds_through_retriever():
             hops += 1
         assert answers == [t[0] for t in ep.targets]
         s = ep.score(answers)
-        assert s.em == ep.n and s.n_pred == ep.n
+        assert s.reward == s.metrics["em"] == ep.n
     assert hops > 300  # 2-hop questions were exercised
 
 
@@ -327,11 +327,11 @@ def test_hasty_teacher_answers_two_hop_questions_with_the_bridge_entity():
 def test_synthetic_scoring_is_per_answer_action():
     ep = syn.SyntheticTask(seed=2, n_range=(3, 3)).sample()
     a = [t[0] for t in ep.targets]
-    assert ep.score(a).per_objective_em == [1.0, 1.0, 1.0]
-    assert ep.score(a[:2]).per_objective_em == [1.0, 1.0, 0.0]  # unanswered scores 0
-    assert ep.score([a[1], a[0], a[2]]).per_objective_em == [0.0, 0.0, 1.0]  # positional
+    assert ep.score(a).per_objective == [1.0, 1.0, 1.0]
+    assert ep.score(a[:2]).per_objective == [1.0, 1.0, 0.0]  # unanswered scores 0
+    assert ep.score([a[1], a[0], a[2]]).per_objective == [0.0, 0.0, 1.0]  # positional
     s = ep.score([f"{a[0]} ; {a[1]}", a[1], a[2]])  # one action answers one objective: no ';' splitting
-    assert s.per_objective_em == [0.0, 1.0, 1.0] and s.n_pred == 3
+    assert s.per_objective == [0.0, 1.0, 1.0] and s.reward == 2.0
     assert ep.reply(a[:1], 5) == f"<information> [HINT] 5 turns left [/HINT] {ep.questions[1]} </information>"
     assert ep.reply(a[:2], 0) == f"<information> {ep.questions[2]} </information>" and ep.reply(a, 5) is None
 

@@ -39,6 +39,43 @@ def test_short_run_writes_metrics_and_checkpoint(tmp_path, mode):
     assert state["rl_step"] == 2 and state["phase"] == "rl"
 
 
+def test_webshop_short_run_and_resume(tmp_path):
+    """--task webshop through the same trainer: its own tokenizer (brackets split; the save checks it reloads as
+    itself), the shopping metrics per number of purchases, and a resumed run picking up where it stopped."""
+    kw = dict(task="webshop", eval_objectives="1,2", n_max=1)
+    model, tok = train.main(small_args(tmp_path, steps=1, **kw))
+    assert tok.tokenize("click[b07]") == ["click", "[", "b07", "]"]
+    train.main(small_args(tmp_path, steps=2, **kw))
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in recs if r["phase"] == "sft"] == [1, 2, 3]
+    assert [r["step"] for r in recs if r["phase"] == "rl"] == [1, 2]
+    rl = [r for r in recs if r["phase"] == "rl"]
+    assert all({"rollout/score_per_objective", "rollout/success_per_objective"} <= set(r) for r in rl)
+    assert not any("rollout/em_per_objective" in r for r in rl)
+    for r in (r for r in recs if r["phase"] == "eval"):
+        assert {"eval/n1/score_per_objective", "eval/n2/success_per_objective", "eval/n2/peak_kv_tokens"} <= set(r)
+        assert 0 <= r["eval/n2/score_per_objective"] <= 1
+
+
+def test_task_recipe_sets_the_defaults_and_options_override_it(monkeypatch):
+    from mem1_fast.tasks.webshop import ShopTask
+    seen = []
+    monkeypatch.setattr(train, "main", seen.append)
+    train.cli(["--task", "webshop", "--sft-batch", "8"])
+    train.cli([])
+    shop, default = seen
+    assert shop.task == "webshop" and shop.sft_batch == 8  # the command line wins over the recipe
+    for k, v in ShopTask.RECIPE.items():
+        if k != "sft_batch":
+            assert getattr(shop, k) == v, k
+    assert default == train.Args() and default.n_max == 4 and default.sft_position_jitter == 64
+    assert train.task_args("webshop", steps=3) == shop.__class__(**{**vars(train.Args(task="webshop")),
+                                                                   **ShopTask.RECIPE, "steps": 3})
+    out = subprocess.run([sys.executable, "-m", "mem1_fast.train", "--task", "webshop", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "(default: 1600)" in out.stdout  # --help shows the task's defaults
+
+
 def test_resume_continues_where_it_stopped(tmp_path):
     train.main(small_args(tmp_path, steps=1))
     train.main(small_args(tmp_path, steps=3))
@@ -98,7 +135,7 @@ def bad_inputs(tmp):
     return [
         (["--n-min", "3", "--n-max", "1"], "--n-max", "smaller than --n-min"),
         (["--n-min", "0"], "--n-min", "at least 1"),
-        (["--n-max", "21"], "--n-max", "turn limit"),
+        (["--n-max", "21"], "--n-max", "turns, which must be"),
         (["--sft-teacher-shortcut", "1.5"], "--sft-teacher-shortcut", "probability"),
         (["--temperature", "0"], "--temperature", "> 0"),
         (["--temperature", "nan"], "--temperature", "> 0"),
@@ -118,6 +155,9 @@ def bad_inputs(tmp):
         (["--task", good, "--corpus", str(tmp / "corpus.jsonl")], "--corpus", ":2"),
         (["--task", good, "--corpus", str(tmp / "empty.jsonl")], "--corpus", "no documents"),
         (["--corpus", str(tmp / "corpus.jsonl")], "--corpus/--retriever-url", "synthetic task"),
+        (["--task", "webshop", "--n-max", "9"], "--n-max", "one product type per instruction"),
+        (["--task", "webshop", "--eval-objectives", "1,12"], "--eval-objectives", "12 objectives"),
+        (["--task", "nonsense"], "--task", "neither a generated task (synthetic, webshop)"),
         (["--model", str(tmp / "missing")], "--model", "no config.json"),
         (["--model", str(tmp / "no_tok")], "--model", "no usable tokenizer"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device", "CUDA device"),
@@ -162,7 +202,7 @@ def test_a_tokenizer_that_would_not_reload_is_refused_before_training(tmp_path, 
     """The bug the tiny Llama fixes, put back: a word-level tokenizer with a qwen2 model, which AutoTokenizer would
     reload from a checkpoint as a byte-level Qwen2Tokenizer. The run stops before any step, not at its first save."""
     from mem1_fast import tiny
-    def qwen2_with_word_tokenizer(seed=0, **kw):
+    def qwen2_with_word_tokenizer(words=None, punctuation="", seed=0, **kw):
         tok = tiny.word_tokenizer(tiny.default_vocabulary())
         return tiny.tiny_model(len(tok), arch="qwen2", seed=seed), tok
     monkeypatch.setattr(tiny, "tiny_model_and_tokenizer", qwen2_with_word_tokenizer)
@@ -407,7 +447,7 @@ def test_sft_position_jitter_shifts_each_trajectory_after_its_question():
     from mem1_fast.trajectory import Kind
     tok = word_tokenizer(default_vocabulary())
     task = SyntheticTask(seed=3, n_range=(1, 3))
-    trajs = [train.expert_as_trajectory(task.sample(_random.Random(i)), tok) for i in range(5)]
+    trajs = [train.expert_as_trajectory(type(task), task.sample(_random.Random(i)), tok) for i in range(5)]
     gaps = torch.tensor([0, 7, 64, 1, 30])
     for mode in EXACT_MODES:
         for b in pack(trajs, mode, max_tokens=700):

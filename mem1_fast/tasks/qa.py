@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..retrieval import Doc
-from .base import Action, Score
+from .base import Action, Reply, Score
 
 # Paraphrase of gen_data/data_process/qa_search_train_merge_multi.py:44-58. Like the original it holds exactly
 # two literal <answer>...</answer> examples; our scorer does not depend on that (MEM1 defect 10).
@@ -183,10 +183,11 @@ def score_answers(answer_content: str, targets: list[list[str]]) -> Score:
 
 
 def score_predictions(preds: list[str], targets: list[list[str]]) -> Score:
-    """Prediction i against target i (alias list); extra predictions are ignored, missing ones score 0."""
+    """Prediction i against target i (alias list); extra predictions are ignored, missing ones score 0. The reward
+    is the EM summed over objectives (MEM1's); metrics: em and f1, summed."""
     ems = [float(exact_match(preds[i], t)) if i < len(preds) else 0.0 for i, t in enumerate(targets)]
     f1s = [f1(preds[i], t) if i < len(preds) else 0.0 for i, t in enumerate(targets)]
-    return Score(sum(ems), sum(f1s), ems, len(preds), f1s)
+    return Score(sum(ems), ems, {"em": sum(ems), "f1": sum(f1s)})
 
 
 # ------------------------------------------------------------------------------------------------ MEM1 data
@@ -264,18 +265,54 @@ def load_mem1_parquet(path) -> list[QAExample]:
 class QAProtocol:
     """The task-protocol methods (tasks/base.py) every QA-shaped episode shares: MEM1's action tags, one answer
     action that ends the episode, positional multi-objective scoring against `self.targets`, MEM1's failure
-    observation."""
+    observation. An episode provides `observe(query, turns_left)` (the reply to a search); one that takes more than
+    one answer overrides `reply`."""
 
     parse_action = staticmethod(parse_action)
 
-    def reply(self, answers, turns_left: int) -> None:
-        return None  # MEM1: the first answer is final
+    @property
+    def n_objectives(self) -> int:
+        return len(self.targets)
+
+    def start(self) -> "QASession":
+        return QASession(self)
+
+    def reply(self, answers, turns_left: int) -> str | None:
+        """The reply to an answer action (`answers`: every answer so far, the latest last): an observation when
+        the episode takes more answers, None when it is over. MEM1: the first answer is final."""
+        return None
 
     def score(self, answers) -> Score:
         return score_answers("; ".join(answers), self.targets)
 
     def error_observation(self, message: str, turns_left: int) -> str:
         return error_observation(hint(turns_left), message)
+
+
+class QASession:
+    """One rollout of a QA episode: the answers given so far."""
+
+    def __init__(self, episode: QAProtocol):
+        self.episode, self.answers = episode, []
+
+    def step(self, action: Action, turns_left: int) -> Reply:
+        if action.kind == "answer":
+            self.answers.append(action.content)
+            text = self.episode.reply(self.answers, turns_left)
+            if text is None:
+                return Reply(None, done=True, finish="answer")
+            if turns_left == 0:
+                return Reply(None, finish=f"turn budget spent after {len(self.answers)} answers")
+            return Reply(text)
+        if turns_left == 0:  # its result could never be read: not executed
+            return Reply(None, finish="search on the last turn")
+        return Reply(self.episode.observe(action.content, turns_left))
+
+    def error_observation(self, message: str, turns_left: int) -> str:
+        return self.episode.error_observation(message, turns_left)
+
+    def score(self) -> Score:
+        return self.episode.score(self.answers)
 
 
 @dataclass

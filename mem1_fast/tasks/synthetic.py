@@ -32,7 +32,7 @@ import random
 from dataclasses import dataclass
 
 from ..retrieval import BM25Retriever, Doc
-from .base import Score
+from .base import Score, compact_hint, register
 from .qa import QAProtocol, score_predictions
 
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
@@ -97,14 +97,7 @@ def question(subject: str, rels: tuple[str, ...]) -> str:
 
 
 def hint(turns_left: int) -> str:
-    """Compact form of MEM1's hint; '' after the last turn."""
-    if not 0 <= turns_left <= MAX_TURNS:
-        raise ValueError(f"turns_left must be in 0..{MAX_TURNS}, got {turns_left}")
-    if turns_left == 0:
-        return ""
-    if turns_left == 1:
-        return "[HINT] 1 turn left , answer next [/HINT]"
-    return f"[HINT] {turns_left} turns left [/HINT]"
+    return compact_hint(turns_left, MAX_TURNS, "answer next")
 
 
 def observation(results, turns_left: int, question: str = "") -> str:
@@ -130,7 +123,6 @@ class Episode(QAProtocol):
     @property
     def n(self) -> int:
         return len(self.questions)
-
     def observe(self, query: str, turns_left: int) -> str:
         return observation(self.retriever.search([query], self.topk)[0], turns_left)
 
@@ -144,9 +136,9 @@ class Episode(QAProtocol):
 
 
 class SyntheticTask:
-    """Fresh random world per episode. N ~ uniform(n_range); max_turns = the expert's turns (hops + N) + slack, the
-    slack drawn per episode from `slack` (an int, or an inclusive (lo, hi) range capped at MAX_TURNS - the expert's
-    turns: training sees every hint number)."""
+    """The task protocol's generated task (tasks/base.py): a fresh random world per episode. N ~ uniform(n_range);
+    max_turns = the expert's turns (hops + N) + slack, the slack drawn per episode from `slack` (an int, or an
+    inclusive (lo, hi) range capped at MAX_TURNS - the expert's turns: training sees every hint number)."""
 
     def __init__(self, seed: int = 0, n_range: tuple[int, int] = (1, 2), n_persons: int = 16, n_cities: int = 8,
                  n_companies: int = 8, n_countries: int = 6, topk: int = 2, slack: int | tuple[int, int] = 2,
@@ -170,6 +162,15 @@ class SyntheticTask:
             raise ValueError(f"slack {slack} at N = {hi}: up to 3N + slack turns, which must be in 3N+1..{MAX_TURNS}")
         self.rng, self.n_range, self.sizes = random.Random(seed), (lo, hi), sizes
         self.topk, self.slack, self.question_types = topk, (slack_lo, slack_hi), tuple(question_types)
+
+    MAX_TURNS = MAX_TURNS
+    PUNCTUATION = ""
+    RECIPE = {}  # the trainer's global defaults were tuned on this task
+    vocabulary = staticmethod(vocabulary)
+
+    @staticmethod
+    def expert_trajectory(episode, shortcut: float = 0.0, rng: random.Random | None = None):
+        return expert_trajectory(episode, shortcut, rng)
 
     def sample(self, rng: random.Random | None = None, n: int | None = None) -> Episode:
         rng = rng or self.rng
@@ -250,3 +251,6 @@ def expert_trajectory(episode: Episode, shortcut: float = 0.0, rng: random.Rando
             answers.append(act.content)
             out.append((g, episode.reply(answers, left) or ""))
     return out
+
+
+register("synthetic", SyntheticTask)
