@@ -241,6 +241,27 @@ def test_catalogs_and_the_expert():
     assert min(turns) == 5 and max(turns) >= 15
 
 
+@pytest.mark.parametrize("shortcut", [0.0, 1.0])
+def test_expert_state_is_the_wanted_options_and_the_products_opened(shortcut):
+    """Each turn's state names the current instruction's color and size and the products opened for it so far, in
+    order (recomputed here from the pages the generations led to, not from the expert's own list)."""
+    task, rng, longest = ws.ShopTask(seed=7, n_range=(1, 3)), random.Random(2), 0
+    for _ in range(40):
+        ep = task.sample(rng)
+        s, opened = ep.start(), []
+        for j, (gen, _) in enumerate(ws.expert_trajectory(ep, shortcut, rng)):
+            goal, action = s.goal, ws.parse_action(gen)
+            if s.page == "search":
+                opened = []
+            want = f"need {goal.options['color']} {goal.options['size']} , opened {' '.join(opened) or 'none'}"
+            assert action.think == want, (j, gen)
+            s.step(action, ep.max_turns - j - 1)
+            if s.page == "item" and s.item.id not in opened:
+                opened.append(s.item.id)
+            longest = max(longest, len(opened))
+    assert longest == (1 if shortcut else 2)  # the careful expert went back and opened a second product
+
+
 def test_hasty_expert_buys_without_options():
     """shortcut 1: every instruction buys the first fitting product opened, at once, with no option selected (score
     3/5, checked against purchase_score's formula by hand); shortcut 0.6: that for about 60% of the instructions, the
