@@ -145,11 +145,12 @@ def test_trainer_evaluation_uses_the_same_summary(checkpoints):
 
 @pytest.fixture(scope="module")
 def shop_checkpoints(tmp_path_factory):
-    """Short webshop runs (the MEM1 agent and the full-context one): enough SFT for searches and clicks."""
+    """Short webshop runs (the MEM1 agent and the full-context one): enough SFT for searches and clicks (at 80
+    steps the full-context one still wrote malformed turns by the third)."""
     out = {}
     for mode in ("recompute", "full"):
         d = tmp_path_factory.mktemp(f"shop_{mode}")
-        train.main(train.task_args("webshop", output_dir=str(d), mode=mode, sft_steps=80, sft_batch=8, sft_lr=5e-3,
+        train.main(train.task_args("webshop", output_dir=str(d), mode=mode, sft_steps=120, sft_batch=8, sft_lr=5e-3,
                                    steps=0, eval_every=0, tensorboard=False))
         out[mode] = d / "checkpoint"
     return out
